@@ -1,0 +1,41 @@
+# The two-command quick start: `make train` and `make test`. Each installs what is missing
+# (scripts/install-deps.sh), configures and builds, then trains or tests.
+BUILD_DIR  ?= build
+BUILD_TYPE ?= Release
+JOBS       ?= $(shell nproc)
+VENV       ?= .venv
+CONFIG     ?= configs/quickstart.json
+GENERATOR  := $(if $(shell command -v ninja),Ninja,Unix Makefiles)
+
+.PHONY: all deps configure build test train docs env clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+# Configure once; CMake re-runs itself when its inputs change.
+$(BUILD_DIR)/CMakeCache.txt:
+	cmake -S . -B $(BUILD_DIR) -G "$(GENERATOR)" -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
+	  -DCMAKE_PREFIX_PATH="$$($(VENV)/bin/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+
+configure: deps $(BUILD_DIR)/CMakeCache.txt
+
+build: configure
+	cmake --build $(BUILD_DIR) -j $(JOBS)
+
+test: build
+	ctest --test-dir $(BUILD_DIR) --output-on-failure -j $(JOBS)
+
+train: build
+	$(BUILD_DIR)/difftrain train --config $(CONFIG)
+
+env: build
+	$(BUILD_DIR)/difftrain env
+
+# Regenerate docs/CONFIG.md from the config structs (a test fails when it is stale).
+docs: build
+	$(BUILD_DIR)/difftrain config docs > docs/CONFIG.md
+
+clean:
+	rm -rf $(BUILD_DIR)

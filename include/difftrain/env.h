@@ -1,0 +1,68 @@
+// Environment report (`difftrain env`) and device selection. The point: never train on the CPU
+// by accident because the CUDA stack is broken; say which part is missing instead.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <c10/core/Device.h>
+#include <nlohmann/json_fwd.hpp>
+
+namespace difftrain {
+
+struct GpuInfo {
+  int index = 0;
+  std::string name;
+  uint64_t total_memory_bytes = 0;
+  int major = 0, minor = 0;        // compute capability
+  int multiprocessor_count = 0;
+};
+
+// Why CUDA is or is not usable, in the order a user would fix things.
+enum class CudaState { ok, not_built, no_driver, driver_too_old, no_device, error };
+const char* to_string(CudaState s);
+
+struct CudaStatus {
+  CudaState state = CudaState::not_built;
+  std::string detail;              // the CUDA error name and text, when there is one
+  int runtime_version = 0;         // cudaRuntimeGetVersion, e.g. 13000
+  int driver_version = 0;          // cudaDriverGetVersion; 0 = no driver
+  std::vector<GpuInfo> gpus;
+};
+
+struct EnvReport {
+  std::string difftrain_version;
+  std::string compiler;
+  std::string torch_version_built;    // headers we compiled against
+  std::string torch_version_runtime;  // the library we run with (at::show_config)
+  bool torch_cuda_built = false;      // libtorch_cuda was linked in
+  int torch_cuda_compiled = 0;        // CUDA version LibTorch was built for, e.g. 13000
+  CudaStatus cuda;
+  std::string cudnn_version;          // runtime cudnnGetVersion, "" when not loaded
+  std::string nccl_version;           // runtime ncclGetVersion, "" when not loaded
+  bool gloo_available = false;
+  bool nccl_available = false;
+  bool mpi_available = false;
+  int hardware_threads = 0;           // std::thread::hardware_concurrency
+  int torch_threads = 0;              // at::get_num_threads
+  std::string cpu_capability;         // AVX2, AVX512, ...
+};
+
+EnvReport collect_env();
+std::string format_env(const EnvReport& env);
+nlohmann::ordered_json env_to_json(const EnvReport& env);
+
+// Set LibTorch's intra-op threads: 0 = all hardware threads. Returns the count in effect.
+int configure_threads(int num_threads);
+
+// Resolves run.device ("auto", "cpu", "cuda", "cuda:N") against the environment.
+// "cuda*" without usable CUDA throws UsageError naming the cause; "auto" falls back to the CPU
+// and explains why in `note`.
+struct DeviceChoice {
+  c10::Device device{c10::kCPU};
+  std::string note;
+};
+DeviceChoice resolve_device(const std::string& spec, const CudaStatus& cuda);
+
+}  // namespace difftrain

@@ -1,0 +1,226 @@
+#include "difftrain/env.h"
+
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <map>
+#include <thread>
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <torch/version.h>
+
+#include "difftrain/errors.h"
+#include "difftrain/version.h"
+
+#ifdef DIFFTRAIN_WITH_CUDA
+#include "cuda/cuda_probe.h"
+#endif
+
+namespace difftrain {
+
+const char* to_string(CudaState s) {
+  switch (s) {
+    case CudaState::ok: return "ok";
+    case CudaState::not_built: return "LibTorch built without CUDA";
+    case CudaState::no_driver: return "no NVIDIA driver";
+    case CudaState::driver_too_old: return "NVIDIA driver too old for this CUDA runtime";
+    case CudaState::no_device: return "no CUDA device visible";
+    case CudaState::error: return "CUDA error";
+  }
+  return "?";
+}
+
+namespace {
+
+// "KEY=value" pairs of at::show_config()'s "Build settings" line: what the library we run with
+// was built as (the headers only tell what we compiled against).
+std::map<std::string, std::string> build_settings(const std::string& config) {
+  std::map<std::string, std::string> out;
+  const auto start = config.find("Build settings:");
+  if (start == std::string::npos) return out;
+  const std::string line = config.substr(start + 15, config.find('\n', start) - start - 15);
+  size_t pos = 0;
+  while (pos < line.size()) {
+    size_t comma = line.find(", ", pos);
+    // CXX_FLAGS holds commas of its own only rarely; a chunk without '=' belongs to the previous value.
+    std::string item = line.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    if (auto eq = item.find('='); eq != std::string::npos) {
+      size_t b = item.find_first_not_of(' ');
+      out[item.substr(b, eq - b)] = item.substr(eq + 1);
+    }
+    if (comma == std::string::npos) break;
+    pos = comma + 2;
+  }
+  return out;
+}
+
+bool flag_on(const std::map<std::string, std::string>& s, const std::string& key) {
+  auto it = s.find(key);
+  return it != s.end() && (it->second == "ON" || it->second == "1" || it->second == "TRUE");
+}
+
+// Version of a library LibTorch has already loaded (libtorch_cuda links cuDNN and NCCL).
+void* loaded_symbol(const char* soname, const char* symbol) {
+  void* handle = dlopen(soname, RTLD_LAZY | RTLD_NOLOAD);
+  if (!handle) return nullptr;
+  void* sym = dlsym(handle, symbol);
+  dlclose(handle);
+  return sym;
+}
+
+std::string cudnn_runtime_version() {
+  using Fn = size_t (*)();
+  auto fn = reinterpret_cast<Fn>(loaded_symbol("libcudnn.so.9", "cudnnGetVersion"));
+  if (!fn) return {};
+  const size_t v = fn();  // 9.19.0 -> 91900
+  return fmt::format("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100);
+}
+
+std::string nccl_runtime_version() {
+  using Fn = int (*)(int*);
+  auto fn = reinterpret_cast<Fn>(loaded_symbol("libnccl.so.2", "ncclGetVersion"));
+  int v = 0;
+  if (!fn || fn(&v) != 0) return {};
+  return fmt::format("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100);  // NCCL >= 2.9 encoding
+}
+
+std::string cuda_version_text(int v) { return v ? fmt::format("{}.{}", v / 1000, (v % 1000) / 10) : "none"; }
+
+}  // namespace
+
+EnvReport collect_env() {
+  EnvReport e;
+  e.difftrain_version = kVersion;
+  e.compiler = fmt::format("GCC {}.{}.{}", __GNUC__, __GNUC_MINOR__, __GNUC_PATCHLEVEL__);
+  e.torch_version_built = TORCH_VERSION;
+  const auto settings = build_settings(at::show_config());
+  auto get = [&](const char* k) { auto it = settings.find(k); return it == settings.end() ? std::string() : it->second; };
+  e.torch_version_runtime = get("TORCH_VERSION");
+  e.torch_cuda_built = flag_on(settings, "USE_CUDA");
+  if (std::string v = get("CUDA_VERSION"); !v.empty()) {
+    const auto dot = v.find('.');
+    e.torch_cuda_compiled = std::atoi(v.c_str()) * 1000 + (dot == std::string::npos ? 0 : std::atoi(v.c_str() + dot + 1) * 10);
+  }
+  e.gloo_available = flag_on(settings, "USE_GLOO");
+  e.nccl_available = flag_on(settings, "USE_NCCL");
+  e.mpi_available = flag_on(settings, "USE_MPI");
+#ifdef DIFFTRAIN_WITH_CUDA
+  e.cuda = cuda::probe();
+#else
+  e.cuda.state = CudaState::not_built;
+  e.torch_cuda_built = false;  // linked without libtorch_cuda, whatever the library was built with
+#endif
+  e.cudnn_version = cudnn_runtime_version();
+  e.nccl_version = nccl_runtime_version();
+  e.hardware_threads = static_cast<int>(std::thread::hardware_concurrency());
+  e.torch_threads = at::get_num_threads();
+  const std::string config = at::show_config();
+  if (auto p = config.find("CPU capability usage: "); p != std::string::npos)
+    e.cpu_capability = config.substr(p + 22, config.find('\n', p) - p - 22);
+  return e;
+}
+
+std::string format_env(const EnvReport& e) {
+  std::string s;
+  auto line = [&](const std::string& k, const std::string& v) { s += fmt::format("{:<22}{}\n", k + ":", v); };
+  line("difftrain", fmt::format("{} ({})", e.difftrain_version, e.compiler));
+  line("LibTorch", fmt::format("{} (built against {} headers){}", e.torch_version_runtime.empty() ? "?" : e.torch_version_runtime,
+                               e.torch_version_built,
+                               e.torch_cuda_built ? fmt::format(", CUDA {} build", cuda_version_text(e.torch_cuda_compiled))
+                                                  : ", CPU-only build"));
+  line("CUDA runtime", cuda_version_text(e.cuda.runtime_version));
+  line("CUDA driver", e.cuda.driver_version ? cuda_version_text(e.cuda.driver_version) : "none (no NVIDIA driver found)");
+  line("CUDA usable", e.cuda.state == CudaState::ok
+                          ? "yes"
+                          : fmt::format("no: {}{}", to_string(e.cuda.state), e.cuda.detail.empty() ? "" : " (" + e.cuda.detail + ")"));
+  line("cuDNN", e.cudnn_version.empty() ? "not loaded" : e.cudnn_version);
+  line("NCCL", e.nccl_version.empty() ? "not loaded" : e.nccl_version);
+  if (e.cuda.gpus.empty()) line("GPUs", "none");
+  for (const auto& g : e.cuda.gpus)
+    line(fmt::format("GPU {}", g.index), fmt::format("{}, {:.1f} GiB, compute capability {}.{}, {} SMs", g.name,
+                                                     static_cast<double>(g.total_memory_bytes) / (1024.0 * 1024.0 * 1024.0), g.major,
+                                                     g.minor, g.multiprocessor_count));
+  line("CPU threads", fmt::format("{} hardware, {} used by LibTorch{}", e.hardware_threads, e.torch_threads,
+                                  e.cpu_capability.empty() ? "" : ", " + e.cpu_capability));
+  std::string backends;
+  if (e.gloo_available) backends += "gloo ";
+  if (e.nccl_available) backends += e.cuda.state == CudaState::ok ? "nccl " : "nccl (needs a GPU) ";
+  if (e.mpi_available) backends += "mpi ";
+  line("Distributed backends", backends.empty() ? "none" : backends.substr(0, backends.size() - 1));
+  return s;
+}
+
+nlohmann::ordered_json env_to_json(const EnvReport& e) {
+  nlohmann::ordered_json gpus = nlohmann::ordered_json::array();
+  for (const auto& g : e.cuda.gpus)
+    gpus.push_back({{"index", g.index},
+                    {"name", g.name},
+                    {"total_memory_bytes", g.total_memory_bytes},
+                    {"compute_capability", fmt::format("{}.{}", g.major, g.minor)},
+                    {"multiprocessor_count", g.multiprocessor_count}});
+  return {
+      {"difftrain_version", e.difftrain_version},
+      {"compiler", e.compiler},
+      {"torch", {{"version", e.torch_version_runtime}, {"built_against", e.torch_version_built},
+                 {"cuda_build", e.torch_cuda_built}, {"cuda_compiled", e.torch_cuda_built ? cuda_version_text(e.torch_cuda_compiled) : ""}}},
+      {"cuda", {{"usable", e.cuda.state == CudaState::ok}, {"state", to_string(e.cuda.state)}, {"detail", e.cuda.detail},
+                {"runtime_version", e.cuda.runtime_version ? cuda_version_text(e.cuda.runtime_version) : ""},
+                {"driver_version", e.cuda.driver_version ? cuda_version_text(e.cuda.driver_version) : ""}}},
+      {"cudnn_version", e.cudnn_version},
+      {"nccl_version", e.nccl_version},
+      {"gpus", gpus},
+      {"cpu", {{"hardware_threads", e.hardware_threads}, {"torch_threads", e.torch_threads}, {"capability", e.cpu_capability}}},
+      {"distributed_backends", {{"gloo", e.gloo_available}, {"nccl", e.nccl_available}, {"mpi", e.mpi_available}}},
+  };
+}
+
+int configure_threads(int num_threads) {
+  const int n = num_threads > 0 ? num_threads : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  at::set_num_threads(n);
+  return at::get_num_threads();
+}
+
+DeviceChoice resolve_device(const std::string& spec, const CudaStatus& cuda) {
+  if (spec == "cpu") return {c10::Device(c10::kCPU), "run.device = \"cpu\""};
+  const bool usable = cuda.state == CudaState::ok && !cuda.gpus.empty();
+  if (spec == "auto") {
+    if (usable) return {c10::Device(c10::kCUDA, 0), fmt::format("run.device = \"auto\" chose cuda:0 ({})", cuda.gpus[0].name)};
+    return {c10::Device(c10::kCPU), fmt::format("run.device = \"auto\" chose the CPU: CUDA is not usable ({}{})",
+                                               to_string(cuda.state), cuda.detail.empty() ? "" : ": " + cuda.detail)};
+  }
+  int index = 0;
+  if (spec.rfind("cuda:", 0) == 0) index = std::atoi(spec.c_str() + 5);
+  else if (spec != "cuda") throw UsageError(fmt::format("run.device: unknown device \"{}\"; allowed: auto | cpu | cuda | cuda:N", spec));
+  if (!usable) {
+    std::string why;
+    switch (cuda.state) {
+      case CudaState::not_built:
+        why = "this difftrain was built against a CPU-only LibTorch; rebuild against a CUDA LibTorch (see README)";
+        break;
+      case CudaState::no_driver: why = "no NVIDIA driver was found (is libcuda.so installed and is this a GPU machine?)"; break;
+      case CudaState::driver_too_old:
+        why = fmt::format("the NVIDIA driver (CUDA {}) is older than the CUDA runtime ({}); update the driver",
+                          cuda_version_text(cuda.driver_version), cuda_version_text(cuda.runtime_version));
+        break;
+      case CudaState::no_device: {
+        const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+        why = fmt::format("the driver sees no CUDA device{}", visible ? fmt::format(" (CUDA_VISIBLE_DEVICES=\"{}\")", visible) : "");
+        break;
+      }
+      default: why = "CUDA failed to initialise"; break;
+    }
+    if (!cuda.detail.empty()) why += " [" + cuda.detail + "]";
+    throw UsageError(fmt::format("run.device = \"{}\" but CUDA is not usable: {}. Use run.device = \"cpu\" to train on the CPU.",
+                                spec, why));
+  }
+  if (index >= static_cast<int>(cuda.gpus.size()))
+    throw UsageError(fmt::format("run.device = \"{}\" but only {} CUDA device(s) are visible (cuda:0 .. cuda:{})", spec,
+                                 cuda.gpus.size(), cuda.gpus.size() - 1));
+  return {c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index)),
+          fmt::format("run.device = \"{}\": {}", spec, cuda.gpus[index].name)};
+}
+
+}  // namespace difftrain

@@ -1,0 +1,155 @@
+// The difftrain binary end to end: help, exit codes, config print, env, and a dry run that
+// prepares a run directory.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/version.h>
+
+#include "difftrain/config.h"
+
+namespace difftrain {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::ordered_json;
+
+struct Result {
+  int code = -1;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("difftrain_cli_" + std::to_string(::getpid()) + "_" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  Result run(const std::string& args) const {
+    const fs::path out = dir_ / "stdout.txt", err = dir_ / "stderr.txt";
+    const std::string cmd = std::string(DIFFTRAIN_BIN) + " " + args + " >" + out.string() + " 2>" + err.string() + " </dev/null";
+    const int status = std::system(cmd.c_str());
+    return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
+  }
+  std::string config(const std::string& name) const { return std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/" + name; }
+
+  fs::path dir_;
+};
+
+TEST_F(Cli, EveryHelpExitsZero) {
+  for (const char* cmd : {"--help", "train --help", "sample --help", "env --help", "config --help", "config print --help",
+                          "config validate --help", "config docs --help"}) {
+    SCOPED_TRACE(cmd);
+    const Result r = run(cmd);
+    EXPECT_EQ(r.code, 0) << r.err;
+    EXPECT_NE(r.out.find("Usage:"), std::string::npos);
+  }
+  const std::string top = run("--help").out;
+  for (const char* sub : {"train", "sample", "env", "config"}) EXPECT_NE(top.find(sub), std::string::npos) << sub;
+  EXPECT_NE(run("train --help").out.find("--set"), std::string::npos);
+}
+
+TEST_F(Cli, VersionNamesLibTorch) {
+  const Result r = run("--version");
+  EXPECT_EQ(r.code, 0);
+  EXPECT_NE(r.out.find(TORCH_VERSION), std::string::npos) << r.out;
+}
+
+TEST_F(Cli, UsageErrorsExitOne) {
+  EXPECT_EQ(run("").code, 1);
+  EXPECT_EQ(run("frobnicate").code, 1);
+  EXPECT_EQ(run("train --no-such-option").code, 1);
+  const Result sample = run("sample");
+  EXPECT_EQ(sample.code, 1);
+  EXPECT_NE(sample.err.find("not available yet"), std::string::npos) << sample.err;
+}
+
+TEST_F(Cli, ConfigPrintResolvesFileAndSet) {
+  const Result r = run("config print --config " + config("cifar10_ddpm.json") + " --set train.batch_size=64 --set run.name=x");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const json j = json::parse(r.out);
+  EXPECT_EQ(j["train"]["batch_size"], 64);                          // --set
+  EXPECT_EQ(j["model"]["block_out_channels"], json({128, 256, 256, 256}));  // file
+  EXPECT_EQ(j["train"]["adam_beta2"], 0.999);                       // default
+  EXPECT_EQ(config_from_json(j), load_config(config("cifar10_ddpm.json"), {"train.batch_size=64", "run.name=x"}));
+}
+
+TEST_F(Cli, BadConfigExitsOneAndNamesThePath) {
+  std::ofstream(dir_ / "bad.json") << R"({"model": {"block_out_channels": [32, 64, 0]}})";
+  for (const std::string cmd : {"config validate --config ", "train --config ", "--config "}) {
+    const Result r = run(cmd + (dir_ / "bad.json").string());
+    EXPECT_EQ(r.code, 1) << cmd;
+    EXPECT_NE(r.err.find("model.block_out_channels[2]: must be >= 1, got 0"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("bad.json"), std::string::npos) << r.err;
+  }
+  const Result missing = run("--config " + (dir_ / "nope.json").string());
+  EXPECT_EQ(missing.code, 1);
+  EXPECT_NE(missing.err.find("nope.json: no such file"), std::string::npos);
+}
+
+TEST_F(Cli, EnvReportsAsTextAndJson) {
+  const Result text = run("env");
+  ASSERT_EQ(text.code, 0) << text.err;
+  EXPECT_NE(text.out.find("LibTorch:"), std::string::npos);
+  const Result js = run("env --json");
+  ASSERT_EQ(js.code, 0) << js.err;
+  const json j = json::parse(js.out);
+  EXPECT_EQ(j["torch"]["version"], TORCH_VERSION);
+  EXPECT_EQ(run("env --device cpu").code, 0);
+  // CUDA asked for: exit 0 where it is usable, else exit 1 with the reason.
+  const Result cuda = run("env --device cuda");
+  EXPECT_EQ(cuda.code, j["cuda"]["usable"].get<bool>() ? 0 : 1) << cuda.err;
+  if (cuda.code == 1) {
+    EXPECT_NE(cuda.err.find("CUDA is not usable"), std::string::npos);
+  }
+}
+
+TEST_F(Cli, DryRunPreparesTheRunDirectory) {
+  const std::string args = "--config " + config("quickstart.json") + " --set run.output_dir=" + dir_.string() + " --dry-run";
+  const Result r = run(args);  // `difftrain --config X` is `difftrain train --config X`
+  ASSERT_EQ(r.code, 0) << r.err;
+  const fs::path run_dir = dir_ / "quickstart";
+  ASSERT_TRUE(fs::exists(run_dir / "config.json"));
+  const Config written = config_from_json(json::parse(slurp(run_dir / "config.json")));
+  EXPECT_EQ(written, load_config(config("quickstart.json"), {"run.output_dir=" + dir_.string()}));
+  const std::string log = slurp(run_dir / "train.log");
+  EXPECT_NE(log.find("resolved config"), std::string::npos);
+  EXPECT_NE(log.find("run.device = \"auto\" chose"), std::string::npos) << log;  // and says what it chose
+  // Same config again: fine. A different config in the same run directory: refused, nothing overwritten.
+  EXPECT_EQ(run(args).code, 0);
+  const std::string before = slurp(run_dir / "config.json");
+  const Result clash = run(args + " --set train.batch_size=8");
+  EXPECT_EQ(clash.code, 1);
+  EXPECT_NE(clash.err.find("different config"), std::string::npos) << clash.err;
+  EXPECT_EQ(slurp(run_dir / "config.json"), before);
+}
+
+TEST_F(Cli, CudaRequestWithoutCudaExitsOneBeforeTouchingDisk) {
+  const json env = json::parse(run("env --json").out);
+  if (env["cuda"]["usable"].get<bool>()) GTEST_SKIP() << "CUDA is usable here";
+  const Result r = run("train --device cuda --dry-run --set run.output_dir=" + dir_.string());
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("run.device = \"cuda\" but CUDA is not usable"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(dir_ / "quickstart"));
+}
+
+}  // namespace
+}  // namespace difftrain

@@ -1,0 +1,291 @@
+// Config schema: strict validation with JSON paths, precedence, round trips, docs in sync.
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "difftrain/config.h"
+
+namespace difftrain {
+namespace {
+
+using json = nlohmann::ordered_json;
+namespace fs = std::filesystem;
+
+std::vector<std::string> errors_for(const std::string& text, const std::vector<std::string>& overrides = {}) {
+  json doc = json::parse(text);
+  try {
+    for (const auto& o : overrides) apply_override(doc, o);
+    config_from_json(doc);
+  } catch (const ConfigError& e) {
+    return e.messages();
+  }
+  return {};
+}
+
+std::string joined(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& m : v) s += "\n  " + m;
+  return s;
+}
+
+fs::path temp_file(const std::string& name, const std::string& content) {
+  const fs::path dir = fs::temp_directory_path() / ("difftrain_test_config_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  std::ofstream(dir / name) << content;
+  return dir / name;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Each bad config must fail, and some message must start with the offending JSON path and
+// contain the given fragment.
+struct BadCase {
+  const char* name;
+  const char* json;
+  const char* path;       // the message starts with "<path>:"
+  const char* fragment;   // and contains this
+};
+
+class BadConfig : public ::testing::TestWithParam<BadCase> {};
+
+TEST_P(BadConfig, NamesThePathAndTheProblem) {
+  const BadCase& c = GetParam();
+  const auto errs = errors_for(c.json);
+  ASSERT_FALSE(errs.empty()) << c.json << " was accepted";
+  const std::string prefix = std::string(c.path) + ":";
+  bool found = false;
+  for (const auto& e : errs) found = found || (e.rfind(prefix, 0) == 0 && e.find(c.fragment) != std::string::npos);
+  EXPECT_TRUE(found) << "expected a message starting with '" << prefix << "' containing '" << c.fragment << "'; got:" << joined(errs);
+}
+
+const BadCase kBadCases[] = {
+    // unknown keys
+    {"unknown_top_level", R"({"bogus": 1})", "bogus", "unknown key"},
+    {"unknown_key_did_you_mean", R"({"run": {"nmae": "x"}})", "run.nmae", "did you mean \"name\""},
+    {"misplaced_key_names_section", R"({"batch_size": 3})", "batch_size", "train.batch_size"},
+    {"unknown_nested_key", R"({"model": {"block_out_chanels": [32]}})", "model.block_out_chanels", "\"block_out_channels\""},
+    // wrong types
+    {"section_not_object", R"({"model": 3})", "model", "expected an object"},
+    {"string_for_integer", R"({"train": {"batch_size": "64"}})", "train.batch_size", "expected an integer"},
+    {"fraction_for_integer", R"({"train": {"max_steps": 1.5}})", "train.max_steps", "expected an integer"},
+    {"null_for_integer", R"({"train": {"batch_size": null}})", "train.batch_size", "got null"},
+    {"string_for_boolean", R"({"data": {"random_flip": "yes"}})", "data.random_flip", "expected a boolean"},
+    {"string_for_number", R"({"train": {"learning_rate": "1e-4"}})", "train.learning_rate", "expected a number"},
+    {"scalar_for_list", R"({"model": {"block_out_channels": 64}})", "model.block_out_channels", "expected a list"},
+    {"bad_list_element", R"({"model": {"block_out_channels": [32, "64", 128]}})", "model.block_out_channels[1]", "expected an integer"},
+    {"integer_overflow", R"({"train": {"batch_size": 4294967296}})", "train.batch_size", "expected an integer in"},
+    {"wrong_type_in_optional", R"({"model": {"num_class_embeds": "ten"}})", "model.num_class_embeds", "expected an integer"},
+    // out of range
+    {"below_minimum", R"({"train": {"batch_size": 0}})", "train.batch_size", "must be >= 1"},
+    {"open_interval_bound", R"({"diffusion": {"beta_start": 0}})", "diffusion.beta_start", "must be in (0, 1)"},
+    {"half_open_interval", R"({"model": {"dropout": 1.0}})", "model.dropout", "must be in [0, 1)"},
+    {"negative_seed", R"({"run": {"seed": -1}})", "run.seed", "must be >= 0"},
+    {"list_element_range", R"({"model": {"block_out_channels": [32, 64, 0]}})", "model.block_out_channels[2]", "must be >= 1"},
+    {"empty_list", R"({"model": {"block_out_channels": [], "down_block_types": [], "up_block_types": []}})",
+     "model.block_out_channels", "must not be an empty list"},
+    {"empty_string", R"({"run": {"output_dir": ""}})", "run.output_dir", "must not be empty"},
+    {"optional_range", R"({"diffusion": {"snr_gamma": 0}})", "diffusion.snr_gamma", "must be > 0"},
+    // enums
+    {"unknown_enum_lists_allowed", R"({"diffusion": {"beta_schedule": "cosine"}})", "diffusion.beta_schedule",
+     "allowed: linear | scaled_linear | squaredcos_cap_v2 | sigmoid"},
+    {"enum_did_you_mean", R"({"diffusion": {"prediction_type": "v-prediction"}})", "diffusion.prediction_type",
+     "did you mean \"v_prediction\""},
+    {"unknown_enum_in_list", R"({"model": {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]}})",
+     "model.down_block_types[1]", "unknown value"},
+    {"up_block_in_down_list", R"({"model": {"down_block_types": ["DownBlock2D", "UpBlock2D", "DownBlock2D"]}})",
+     "model.down_block_types[1]", "is not a down block"},
+    {"bad_device", R"({"run": {"device": "gpu"}})", "run.device", "allowed: auto | cpu | cuda | cuda:N"},
+    {"bad_run_name", R"({"run": {"name": "a/b"}})", "run.name", "may only use"},
+    // cross-field
+    {"block_count_mismatch", R"({"model": {"up_block_types": ["UpBlock2D", "UpBlock2D"]}})", "model.up_block_types",
+     "has 2 entries but model.block_out_channels has 3"},
+    {"groups_do_not_divide", R"({"model": {"norm_num_groups": 12}})", "model.block_out_channels[0]",
+     "not divisible by model.norm_num_groups = 12"},
+    {"head_dim_does_not_divide", R"({"model": {"attention_head_dim": 48}})", "model.attention_head_dim", "does not divide"},
+    {"sample_size_not_divisible", R"({"model": {"sample_size": 30}, "data": {"resolution": 30}})", "model.sample_size",
+     "not divisible by 4"},
+    {"model_data_channels", R"({"data": {"channels": 3}})", "model.in_channels", "differs from data.channels = 3"},
+    {"model_data_resolution", R"({"data": {"resolution": 64}})", "model.sample_size", "differs from data.resolution = 64"},
+    {"data_channels_1_or_3", R"({"data": {"channels": 2}, "model": {"in_channels": 2, "out_channels": 2}})", "data.channels",
+     "must be 1 or 3"},
+    {"beta_order", R"({"diffusion": {"beta_start": 0.03}})", "diffusion.beta_start", "must be below diffusion.beta_end"},
+    {"zero_snr_needs_v", R"({"diffusion": {"rescale_betas_zero_snr": true}})", "diffusion.rescale_betas_zero_snr",
+     "v_prediction"},
+    {"inference_steps_exceed_T", R"({"sampling": {"num_inference_steps": 2000}})", "sampling.num_inference_steps",
+     "exceeds diffusion.num_train_timesteps = 1000"},
+    {"guidance_needs_classes", R"({"sampling": {"guidance_scale": 3.0}})", "sampling.guidance_scale", "class-conditional"},
+    {"class_filter_label_range", R"({"model": {"num_class_embeds": 10}, "data": {"class_filter": [3, 10]}})",
+     "data.class_filter[1]", "not below model.num_class_embeds = 10"},
+    {"warmup_exceeds_steps", R"({"train": {"lr_warmup_steps": 5000, "max_steps": 100}})", "train.lr_warmup_steps",
+     "exceeds train.max_steps = 100"},
+    {"subset_smaller_than_batch", R"({"data": {"subset": 10}})", "data.subset", "less than one batch"},
+    {"fp16_on_cpu", R"({"run": {"device": "cpu"}, "train": {"mixed_precision": "fp16"}})", "train.mixed_precision",
+     "fp16 needs CUDA"},
+    {"nccl_on_cpu", R"({"run": {"device": "cpu"}, "distributed": {"backend": "nccl"}})", "distributed.backend",
+     "nccl needs CUDA"},
+    {"ema_min_above_max", R"({"ema": {"min_decay": 0.99999}})", "ema.min_decay", "exceeds ema.decay"},
+    {"keep_every_not_multiple", R"({"checkpoint": {"every": 500, "keep_every": 1200}})", "checkpoint.keep_every",
+     "not a multiple of checkpoint.every = 500"},
+};
+
+INSTANTIATE_TEST_SUITE_P(Cases, BadConfig, ::testing::ValuesIn(kBadCases),
+                         [](const ::testing::TestParamInfo<BadCase>& param) { return std::string(param.param.name); });
+
+TEST(Config, ReportsEveryProblemAtOnce) {
+  const auto errs = errors_for(R"({"run": {"nmae": "x", "seed": -1}, "train": {"batch_size": "a"}})");
+  EXPECT_EQ(errs.size(), 3u) << joined(errs);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files.
+
+std::string load_error(const fs::path& p) {
+  try {
+    load_config(p.string());
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return {};
+}
+
+TEST(ConfigFile, MissingFileIsNamed) {
+  EXPECT_NE(load_error("/nonexistent/x.json").find("/nonexistent/x.json: no such file"), std::string::npos);
+}
+
+TEST(ConfigFile, DirectoryIsRejected) {
+  EXPECT_NE(load_error(fs::temp_directory_path()).find("not a regular file"), std::string::npos);
+}
+
+TEST(ConfigFile, InvalidJsonGivesLineAndColumn) {
+  const auto p = temp_file("trailing_comma.json", "{\n  \"run\": {\n    \"name\": \"x\",\n  }\n}\n");
+  const std::string err = load_error(p);
+  EXPECT_NE(err.find(p.string() + ":4:3: invalid JSON"), std::string::npos) << err;
+}
+
+TEST(ConfigFile, DuplicateKeyIsRejectedWithPath) {
+  const auto p = temp_file("dup.json", R"({"train": {"batch_size": 8, "batch_size": 16}})");
+  const std::string err = load_error(p);
+  EXPECT_NE(err.find("train.batch_size: duplicate key"), std::string::npos) << err;
+}
+
+TEST(ConfigFile, TopLevelMustBeAnObject) {
+  const auto p = temp_file("array.json", "[1, 2]");
+  EXPECT_NE(load_error(p).find("the top level must be a JSON object, got a list"), std::string::npos);
+}
+
+TEST(ConfigFile, PresetsAreValidAndMatchTheirPapers) {
+  for (const char* name : {"quickstart", "fashion_mnist", "cifar10_ddpm"}) {
+    SCOPED_TRACE(name);
+    EXPECT_NO_THROW(load_config(std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/" + name + ".json"));
+  }
+  // Ho et al. 2020, Appendix B: ch 128, multipliers (1, 2, 2, 2), 2 res blocks, attention at 16x16, dropout 0.1.
+  const Config ddpm = load_config(std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/cifar10_ddpm.json");
+  EXPECT_EQ(ddpm.model.block_out_channels, (std::vector<int>{128, 256, 256, 256}));
+  EXPECT_EQ(ddpm.model.layers_per_block, 2);
+  EXPECT_EQ(ddpm.model.down_block_types[1], BlockType::AttnDownBlock2D);
+  EXPECT_DOUBLE_EQ(ddpm.model.dropout, 0.1);
+  EXPECT_EQ(ddpm.data.dataset, DatasetKind::cifar10);
+  // The quickstart file is the built-in default job.
+  EXPECT_EQ(load_config(std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/quickstart.json"), Config{});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Precedence and --set.
+
+TEST(ConfigPrecedence, DefaultsThenFileThenSet) {
+  const auto p = temp_file("prec.json", R"({"train": {"batch_size": 32, "learning_rate": 0.001}, "run": {"name": "fromfile"}})");
+  const Config cfg = load_config(p.string(), {"train.batch_size=16", "run.name=a", "run.name=b"});
+  EXPECT_EQ(cfg.train.batch_size, 16);              // --set beats the file
+  EXPECT_DOUBLE_EQ(cfg.train.learning_rate, 0.001); // the file beats the default
+  EXPECT_EQ(cfg.train.max_steps, Config{}.train.max_steps);  // untouched keys keep their default
+  EXPECT_EQ(cfg.run.name, "b");                     // the last --set wins
+}
+
+TEST(ConfigPrecedence, SetIsTypedByTheField) {
+  const Config cfg = load_config("", {"run.name=123", "model.block_out_channels=32,64,64", "model.num_class_embeds=10",
+                                      "model.down_block_types=DownBlock2D,AttnDownBlock2D,DownBlock2D",
+                                      "diffusion.snr_gamma=5", "train.learning_rate=1e-4", "data.random_flip=true",
+                                      "checkpoint.resume=latest", "run.device=\"cpu\""});
+  EXPECT_EQ(cfg.run.name, "123");  // a string field keeps digits as text
+  EXPECT_EQ(cfg.model.block_out_channels, (std::vector<int>{32, 64, 64}));
+  EXPECT_EQ(cfg.model.num_class_embeds, 10);
+  EXPECT_EQ(cfg.diffusion.snr_gamma, 5.0);
+  EXPECT_DOUBLE_EQ(cfg.train.learning_rate, 1e-4);
+  EXPECT_TRUE(cfg.data.random_flip);
+  EXPECT_EQ(cfg.checkpoint.resume, "latest");
+  EXPECT_EQ(cfg.run.device, "cpu");
+  EXPECT_EQ(load_config("", {"model.num_class_embeds=3", "model.num_class_embeds=null"}).model.num_class_embeds, std::nullopt);
+}
+
+TEST(ConfigPrecedence, BadSetIsReportedWithThePath) {
+  auto first_error = [](const std::vector<std::string>& sets) -> std::string {
+    try {
+      load_config("", sets);
+    } catch (const ConfigError& e) {
+      return e.messages().front();
+    }
+    return {};
+  };
+  EXPECT_EQ(first_error({"train.batch_size=abc"}), "train.batch_size: expected an integer, got string \"abc\"");
+  EXPECT_NE(first_error({"train.bach_size=3"}).find("train.bach_size: unknown key; did you mean \"batch_size\""), std::string::npos);
+  EXPECT_NE(first_error({"train.batch_size"}).find("expected key.path=value"), std::string::npos);
+  EXPECT_NE(first_error({"run.name.x=1"}).find("run.name is not a section"), std::string::npos);
+  EXPECT_NE(first_error({"train.batch_size=0"}).find("train.batch_size: must be >= 1"), std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Round trips, defaults, enums, docs.
+
+TEST(ConfigRoundTrip, ResolvedConfigReloadsIdentically) {
+  Config cfg = load_config("", {"model.num_class_embeds=10", "diffusion.snr_gamma=5", "train.learning_rate=0.00012345678901234",
+                                "data.class_filter=1,2", "run.seed=9007199254740993", "ema.power=0.6666666666666666"});
+  const std::string text = config_to_string(cfg);
+  const Config back = config_from_json(json::parse(text));
+  EXPECT_EQ(back, cfg);
+  EXPECT_EQ(config_to_string(back), text);
+  EXPECT_EQ(back.run.seed, 9007199254740993LL);  // int64 survives (not squeezed through a double)
+  // Every key is written, in declaration order, so the file documents the run.
+  const json j = json::parse(text);
+  EXPECT_EQ(j.begin().key(), "run");
+  EXPECT_TRUE(j["model"].contains("num_class_embeds"));
+  EXPECT_TRUE(j["diffusion"]["snr_gamma"].is_number());
+  EXPECT_TRUE(json::parse(config_to_string(Config{}))["diffusion"]["snr_gamma"].is_null());
+}
+
+TEST(ConfigDefaults, AreValid) { EXPECT_TRUE(validate(Config{}).empty()) << joined(validate(Config{})); }
+
+TEST(ConfigEnums, SpellingsMatchDiffusers) {
+  EXPECT_EQ(to_string(TimeScaleShift::default_), "default");
+  EXPECT_EQ(to_string(DistBackend::auto_), "auto");
+  EXPECT_EQ(enum_names<BetaSchedule>(), (std::vector<std::string>{"linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"}));
+  EXPECT_EQ(enum_from_string<PredictionType>("v_prediction"), PredictionType::v_prediction);
+  EXPECT_EQ(enum_from_string<PredictionType>("v-prediction"), std::nullopt);
+}
+
+TEST(ConfigSuggest, EditDistance) {
+  EXPECT_EQ(edit_distance("kitten", "sitting"), 3u);  // the textbook Levenshtein example
+  EXPECT_EQ(edit_distance("nmae", "name"), 1u);       // a transposition is one edit
+  EXPECT_EQ(edit_distance("", "abc"), 3u);
+  EXPECT_EQ(edit_distance("same", "same"), 0u);
+}
+
+TEST(ConfigDocs, ConfigMdIsCurrent) {
+  std::ifstream in(std::string(DIFFTRAIN_SOURCE_DIR) + "/docs/CONFIG.md");
+  ASSERT_TRUE(in) << "docs/CONFIG.md is missing";
+  std::stringstream ss;
+  ss << in.rdbuf();
+  EXPECT_EQ(ss.str(), config_reference_markdown()) << "docs/CONFIG.md is out of date: run `make docs`";
+}
+
+TEST(ConfigDocs, EveryKeyIsDocumented) {
+  const std::string md = config_reference_markdown();
+  const json j = config_to_json(Config{});
+  for (auto s = j.begin(); s != j.end(); ++s)
+    for (auto k = s.value().begin(); k != s.value().end(); ++k)
+      EXPECT_NE(md.find("| `" + s.key() + "." + k.key() + "` |"), std::string::npos) << s.key() << "." << k.key();
+}
+
+}  // namespace
+}  // namespace difftrain

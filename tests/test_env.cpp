@@ -1,0 +1,140 @@
+// Environment report and device choice. The report is checked against PyTorch itself (the same
+// wheel, asked from Python), and the device rules against every CUDA failure state.
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/version.h>
+
+#include "difftrain/env.h"
+#include "difftrain/errors.h"
+
+namespace difftrain {
+namespace {
+
+std::string capture(const std::string& cmd) {
+  std::string out;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  pclose(p);
+  return out;
+}
+
+TEST(Env, VersionsAreConsistent) {
+  const EnvReport e = collect_env();
+  EXPECT_EQ(e.torch_version_built, TORCH_VERSION);
+  EXPECT_EQ(e.torch_version_runtime, TORCH_VERSION) << "running with a different LibTorch than the headers";
+  EXPECT_EQ(e.hardware_threads, static_cast<int>(std::thread::hardware_concurrency()));
+  EXPECT_TRUE(e.gloo_available) << "every LibTorch build this project supports has Gloo";
+  EXPECT_EQ(e.cuda.state == CudaState::ok, !e.cuda.gpus.empty());
+}
+
+// The same facts, asked of PyTorch in the venv (same wheel, independent code path).
+TEST(Env, AgreesWithPyTorch) {
+  const std::string python = DIFFTRAIN_PYTHON;
+  if (python.empty()) GTEST_SKIP() << "no project venv python";
+  const std::string script =
+      "import json, os, torch\n"
+      "cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None\n"
+      "try:\n  nccl = '.'.join(map(str, torch.cuda.nccl.version()))\nexcept Exception:\n  nccl = None\n"
+      "print(json.dumps({'version': torch.__version__.split('+')[0], 'cuda_build': torch.version.cuda is not None,"
+      " 'cuda': torch.cuda.is_available(), 'devices': torch.cuda.device_count(), 'cudnn': cudnn, 'nccl': nccl,"
+      " 'gloo': torch.distributed.is_gloo_available(), 'cpus': os.cpu_count()}))\n";
+  const std::string out = capture(python + " -c \"" + script + "\" 2>/dev/null");
+  ASSERT_FALSE(out.empty()) << "python produced nothing";
+  const auto py = nlohmann::json::parse(out.substr(out.find('{')));
+  const EnvReport e = collect_env();
+  EXPECT_EQ(e.torch_version_runtime, py["version"].get<std::string>());
+  EXPECT_EQ(e.torch_cuda_built, py["cuda_build"].get<bool>());
+  EXPECT_EQ(e.cuda.state == CudaState::ok, py["cuda"].get<bool>());
+  EXPECT_EQ(static_cast<int>(e.cuda.gpus.size()), py["devices"].get<int>());
+  EXPECT_EQ(e.gloo_available, py["gloo"].get<bool>());
+  EXPECT_EQ(e.hardware_threads, py["cpus"].get<int>());
+  if (!py["cudnn"].is_null()) {
+    const int v = py["cudnn"].get<int>();  // 91900
+    EXPECT_EQ(e.cudnn_version, std::to_string(v / 10000) + "." + std::to_string(v % 10000 / 100) + "." + std::to_string(v % 100));
+  }
+  if (!py["nccl"].is_null()) {
+    EXPECT_EQ(e.nccl_version, py["nccl"].get<std::string>());
+  }
+}
+
+TEST(Env, TextAndJsonCarryTheSameFacts) {
+  const EnvReport e = collect_env();
+  const std::string text = format_env(e);
+  for (const char* key : {"LibTorch:", "CUDA runtime:", "CUDA driver:", "CUDA usable:", "cuDNN:", "NCCL:", "GPUs", "CPU threads:",
+                          "Distributed backends:"})
+    EXPECT_NE(text.find(key), std::string::npos) << key;
+  EXPECT_NE(text.find(e.torch_version_runtime), std::string::npos);
+  const auto j = env_to_json(e);
+  EXPECT_EQ(j["torch"]["version"], e.torch_version_runtime);
+  EXPECT_EQ(j["cuda"]["usable"], e.cuda.state == CudaState::ok);
+  EXPECT_EQ(j["gpus"].size(), e.cuda.gpus.size());
+  EXPECT_EQ(j["cpu"]["hardware_threads"], e.hardware_threads);
+}
+
+TEST(Env, ThreadsDefaultToAllCores) {
+  EXPECT_EQ(configure_threads(0), static_cast<int>(std::thread::hardware_concurrency()));
+  EXPECT_EQ(configure_threads(1), 1);
+  configure_threads(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device choice: every CUDA state, synthesised.
+
+CudaStatus status(CudaState s, int gpus = 0) {
+  CudaStatus c;
+  c.state = s;
+  c.runtime_version = 13000;
+  c.driver_version = s == CudaState::no_driver || s == CudaState::not_built ? 0 : 12040;
+  for (int i = 0; i < gpus; ++i) c.gpus.push_back(GpuInfo{i, "NVIDIA H100 80GB HBM3", 85ull << 30, 9, 0, 132});
+  return c;
+}
+
+std::string device_error(const std::string& spec, const CudaStatus& c) {
+  try {
+    resolve_device(spec, c);
+  } catch (const UsageError& e) {
+    return e.what();
+  }
+  return {};
+}
+
+TEST(Device, CudaRequestNeverFallsBackAndNamesTheCause) {
+  EXPECT_NE(device_error("cuda", status(CudaState::not_built)).find("CPU-only LibTorch"), std::string::npos);
+  EXPECT_NE(device_error("cuda", status(CudaState::no_driver)).find("no NVIDIA driver"), std::string::npos);
+  EXPECT_NE(device_error("cuda", status(CudaState::driver_too_old)).find("driver (CUDA 12.4) is older than the CUDA runtime (13.0)"),
+            std::string::npos);
+  EXPECT_NE(device_error("cuda:0", status(CudaState::no_device)).find("sees no CUDA device"), std::string::npos);
+  EXPECT_NE(device_error("cuda", status(CudaState::error)).find("failed to initialise"), std::string::npos);
+  EXPECT_NE(device_error("cuda:1", status(CudaState::ok, 1)).find("only 1 CUDA device(s)"), std::string::npos);
+  EXPECT_NE(device_error("tpu", status(CudaState::ok, 1)).find("unknown device \"tpu\""), std::string::npos);
+}
+
+TEST(Device, AutoPicksCudaWhenUsableAndSaysWhyNot) {
+  const DeviceChoice gpu = resolve_device("auto", status(CudaState::ok, 2));
+  EXPECT_EQ(gpu.device, c10::Device(c10::kCUDA, 0));
+  EXPECT_NE(gpu.note.find("H100"), std::string::npos);
+  const DeviceChoice cpu = resolve_device("auto", status(CudaState::no_driver));
+  EXPECT_TRUE(cpu.device.is_cpu());
+  EXPECT_NE(cpu.note.find("no NVIDIA driver"), std::string::npos);
+  EXPECT_EQ(resolve_device("cuda:1", status(CudaState::ok, 2)).device, c10::Device(c10::kCUDA, 1));
+  EXPECT_TRUE(resolve_device("cpu", status(CudaState::ok, 2)).device.is_cpu());
+}
+
+TEST(Device, RealEnvironmentIsConsistent) {
+  const EnvReport e = collect_env();
+  if (e.cuda.state == CudaState::ok) {
+    EXPECT_TRUE(resolve_device("cuda", e.cuda).device.is_cuda());
+  } else {
+    EXPECT_THROW(resolve_device("cuda", e.cuda), UsageError);
+  }
+}
+
+}  // namespace
+}  // namespace difftrain
