@@ -9,8 +9,6 @@ namespace difftrain::cli {
 
 void set_sample_command(CLI::App* app, int& exit_code) {
   auto* cmd = app->add_subcommand("sample", "Generate images from a checkpoint (not yet available in this version)");
-  static ConfigOptions opts;
-  add_config_options(cmd, opts);
   cmd->callback([&exit_code] {
     exit_code = kExitUsage;
     throw UsageError("`difftrain sample` is not available yet in this version: it needs the model, sampler and checkpoint "
