@@ -39,7 +39,7 @@ std::vector<std::string> split_enum_list(std::string_view list) {
 }
 
 ConfigError::ConfigError(std::vector<std::string> messages, std::string context)
-    : std::runtime_error([&] {
+    : UsageError([&] {
         std::string what = context.empty() ? "invalid configuration" : context;
         if (messages.size() == 1) return what + ": " + messages[0];
         what += fmt::format(" ({} problems):", messages.size());

@@ -56,10 +56,7 @@ int main(int argc, char** argv) {
   difftrain::setup_logging(difftrain::LogLevel::info, difftrain::rank_from_env());
   try {
     return run(argc, argv);
-  } catch (const difftrain::ConfigError& e) {
-    difftrain::log_error("{}", e.what());
-    return difftrain::kExitUsage;
-  } catch (const difftrain::UsageError& e) {
+  } catch (const difftrain::UsageError& e) {  // ConfigError too
     difftrain::log_error("{}", e.what());
     return difftrain::kExitUsage;
   } catch (const c10::Error& e) {

@@ -12,6 +12,8 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "difftrain/errors.h"
+
 namespace difftrain {
 
 // ---------------------------------------------------------------------------------------------
@@ -365,7 +367,7 @@ struct Config {
 
 // ---------------------------------------------------------------------------------------------
 // Errors: each message starts with the JSON path it concerns ("model.block_out_channels[2]: ...").
-class ConfigError : public std::runtime_error {
+class ConfigError : public UsageError {  // exit code 1
  public:
   explicit ConfigError(std::vector<std::string> messages, std::string context = {});
   const std::vector<std::string>& messages() const { return messages_; }
