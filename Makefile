@@ -5,21 +5,23 @@ BUILD_TYPE ?= Release
 JOBS       ?= $(shell nproc)
 VENV       ?= .venv
 CONFIG     ?= configs/quickstart.json
-GENERATOR  := $(if $(shell command -v ninja),Ninja,Unix Makefiles)
 
 .PHONY: all deps configure build test train docs env clean
 
 all: build
 
 deps:
-	@scripts/install-deps.sh
+	@DIFFTRAIN_VENV=$(abspath $(VENV)) scripts/install-deps.sh
 
-# Configure once; CMake re-runs itself when its inputs change.
-$(BUILD_DIR)/CMakeCache.txt:
-	cmake -S . -B $(BUILD_DIR) -G "$(GENERATOR)" -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
-	  -DCMAKE_PREFIX_PATH="$$($(VENV)/bin/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
-
-configure: deps $(BUILD_DIR)/CMakeCache.txt
+# Configure when the build directory has no build system yet (after deps, which may install
+# ninja); CMake re-runs itself when its inputs change.
+configure: deps
+	@if [ ! -f $(BUILD_DIR)/build.ninja ] && [ ! -f $(BUILD_DIR)/Makefile ]; then \
+	  gen=$$(command -v ninja >/dev/null && echo Ninja || echo "Unix Makefiles"); \
+	  echo "cmake -S . -B $(BUILD_DIR) -G $$gen"; \
+	  cmake -S . -B $(BUILD_DIR) -G "$$gen" -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) -DDIFFTRAIN_VENV=$(abspath $(VENV)) \
+	    -DCMAKE_PREFIX_PATH="$$($(VENV)/bin/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"; \
+	fi
 
 build: configure
 	cmake --build $(BUILD_DIR) -j $(JOBS)

@@ -5,9 +5,10 @@
 # GoogleTest are built with; older LibTorch archives in their cxx11-abi flavour may work but are untested.
 set(DIFFTRAIN_MIN_TORCH_VERSION 2.7.0)
 
+set(DIFFTRAIN_VENV "${CMAKE_SOURCE_DIR}/.venv" CACHE PATH "The project venv (scripts/install-deps.sh)")
 if(NOT Torch_DIR AND NOT CMAKE_PREFIX_PATH)
   find_program(DIFFTRAIN_VENV_PYTHON python NO_DEFAULT_PATH
-               PATHS ${CMAKE_SOURCE_DIR}/.venv/bin)
+               PATHS ${DIFFTRAIN_VENV}/bin)
   if(DIFFTRAIN_VENV_PYTHON)
     execute_process(
       COMMAND ${DIFFTRAIN_VENV_PYTHON} -c "import torch.utils; print(torch.utils.cmake_prefix_path)"

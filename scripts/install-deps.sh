@@ -17,17 +17,13 @@ python=${PYTHON:-python3}
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
-sudo_cmd=()
-if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null || { log "not root and no sudo: install the packages listed at the top of $0 by hand"; exit 1; }
-  sudo_cmd=(sudo)
-fi
 
 # ---- Debian packages ------------------------------------------------------------------------
 packages=(cmake g++ ninja-build make pkg-config libcli11-dev libspdlog-dev nlohmann-json3-dev libgtest-dev
           dataset-fashion-mnist)
-command -v "$python" >/dev/null || packages+=(python3)
-if command -v "$python" >/dev/null && ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
+if ! command -v "$python" >/dev/null; then
+  packages+=(python3 python3-venv)
+elif ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
   packages+=(python3-venv)
 fi
 missing=()
@@ -36,6 +32,11 @@ for p in "${packages[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   command -v apt-get >/dev/null || { log "missing packages (${missing[*]}) and no apt-get: install them by hand"; exit 1; }
+  sudo_cmd=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { log "missing packages (${missing[*]}); not root and no sudo: install them by hand"; exit 1; }
+    sudo_cmd=(sudo)
+  fi
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   "${sudo_cmd[@]}" apt-get update -qq

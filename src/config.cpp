@@ -91,6 +91,9 @@ std::string describe(const json& j) {
 }
 
 // Shortest text that reads back as x; whole numbers without ".0" (bounds read "[0, 1)").
+// User text in messages: JSON-quoted, so control characters and NULs cannot garble the terminal.
+std::string quoted(const std::string& s) { return json(s).dump(); }
+
 std::string number_text(double x) {
   if (std::isfinite(x) && x == std::floor(x) && std::fabs(x) < 1e15) return std::to_string(static_cast<int64_t>(x));
   return json(x).dump();
@@ -314,7 +317,7 @@ struct ValueChecker {
 };
 
 // How a --set value is turned into JSON: by the type of the field it names.
-enum class Shape { unknown, string, string_list, other };
+enum class Shape { unknown, string, string_list, list, other };
 struct ShapeFinder {
   std::string target;
   std::string prefix;
@@ -324,6 +327,7 @@ struct ShapeFinder {
     using Base = typename strip_optional<T>::type;
     if constexpr (std::is_same_v<Base, std::string> || is_enum_v<Base>) *shape = Shape::string;
     else if constexpr (is_vector<Base>::value && is_enum_v<typename element<Base>::type>) *shape = Shape::string_list;
+    else if constexpr (is_vector<Base>::value) *shape = Shape::list;
     else *shape = Shape::other;
   }
   template <class S> void section(const char* key, S& s, const char*) {
@@ -364,7 +368,7 @@ const std::vector<Rule>& rules() {
          bool ok = c.run.name != "." && c.run.name != "..";
          for (char ch : c.run.name) ok = ok && (std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '_' || ch == '-');
          if (!ok && !c.run.name.empty())
-           e.push_back(fmt::format("run.name: \"{}\" may only use letters, digits, '.', '_' and '-'", c.run.name));
+           e.push_back(fmt::format("run.name: {} may only use letters, digits, '.', '_' and '-'", quoted(c.run.name)));
        }},
       {"`run.device` is `auto`, `cpu`, `cuda` or `cuda:N`.",
        [](const Config& c, Errors& e) {
@@ -372,7 +376,7 @@ const std::vector<Rule>& rules() {
          bool ok = d == "auto" || d == "cpu" || d == "cuda";
          if (d.rfind("cuda:", 0) == 0 && d.size() > 5 && d.size() < 9)
            ok = std::all_of(d.begin() + 5, d.end(), [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)); });
-         if (!ok) e.push_back(fmt::format("run.device: unknown device \"{}\"; allowed: auto | cpu | cuda | cuda:N", d));
+         if (!ok) e.push_back(fmt::format("run.device: unknown device {}; allowed: auto | cpu | cuda | cuda:N", quoted(d)));
        }},
       {"`model.down_block_types` and `model.up_block_types` have one entry per `model.block_out_channels` entry.",
        [](const Config& c, Errors& e) {
@@ -424,7 +428,11 @@ const std::vector<Rule>& rules() {
       {"`model.sample_size` is divisible by 2^(levels - 1), one halving per down block but the last.",
        [](const Config& c, Errors& e) {
          const size_t levels = c.model.block_out_channels.size();
-         if (levels == 0 || levels > 20) return;
+         if (levels == 0) return;
+         if (levels > 16) {
+           e.push_back(fmt::format("model.block_out_channels: {} levels; at most 16 are supported", levels));
+           return;
+         }
          const int factor = 1 << (levels - 1);
          if (c.model.sample_size % factor != 0)
            e.push_back(fmt::format("model.sample_size: {} is not divisible by {} (2^{} for {} levels)", c.model.sample_size,
@@ -536,16 +544,22 @@ json parse_file(const std::string& path) {
   ss << in.rdbuf();
   const std::string text = ss.str();
 
+  // A config is two levels deep; anything past kMaxDepth is rejected rather than parsed.
+  constexpr int kMaxDepth = 32;
+  struct TooDeep {};
   Errors dups;
   std::vector<std::pair<std::set<std::string>, std::string>> frames;  // (keys seen, current key) per open object
-  auto callback = [&](int, json::parse_event_t ev, json& parsed) {
+  auto callback = [&](int depth, json::parse_event_t ev, json& parsed) {
+    if (depth > kMaxDepth) throw TooDeep{};
     if (ev == json::parse_event_t::object_start) frames.emplace_back();
     else if (ev == json::parse_event_t::object_end && !frames.empty()) frames.pop_back();
     else if (ev == json::parse_event_t::key && !frames.empty()) {
       const std::string key = parsed.get<std::string>();
-      std::string where;
-      for (size_t i = 0; i + 1 < frames.size(); ++i) where += frames[i].second + ".";
-      if (!frames.back().first.insert(key).second) dups.push_back(fmt::format("{}{}: duplicate key", where, key));
+      if (!frames.back().first.insert(key).second) {
+        std::string where;
+        for (size_t i = 0; i + 1 < frames.size(); ++i) where += frames[i].second + ".";
+        dups.push_back(fmt::format("{}{}: duplicate key", where, key));
+      }
       frames.back().second = key;
     }
     return true;
@@ -553,6 +567,9 @@ json parse_file(const std::string& path) {
   json j;
   try {
     j = json::parse(text, callback, /*allow_exceptions=*/true, /*ignore_comments=*/false);
+  } catch (const TooDeep&) {
+    throw ConfigError({fmt::format("{}: nested deeper than {} levels; a config has sections of keys", path, kMaxDepth)},
+                      "cannot read configuration");
   } catch (const json::parse_error& e) {
     std::string reason = e.what();
     if (auto p = reason.find(": "); p != std::string::npos && reason.find("parse error") != std::string::npos)
@@ -624,13 +641,24 @@ void apply_override(nlohmann::ordered_json& doc, const std::string& assignment) 
     v = (!value.empty() && value.front() == '"') ? parse_or_string(value) : json(value);
   } else if (shape == Shape::string_list) {
     if (!value.empty() && value.front() == '[') v = parse_or_string(value);
-    else {
+    else {  // A,B,C: items split on commas, surrounding blanks trimmed, empty items kept (and rejected)
       v = json::array();
-      for (const auto& item : split_enum_list(value)) v.push_back(item);
+      size_t start = 0;
+      while (true) {
+        const size_t comma = value.find(',', start);
+        std::string item = value.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+        const size_t b = item.find_first_not_of(" \t"), e = item.find_last_not_of(" \t");
+        v.push_back(b == std::string::npos ? std::string() : item.substr(b, e - b + 1));
+        if (comma == std::string::npos) break;
+        start = comma + 1;
+      }
     }
   } else {
     v = parse_or_string(value);
-    if (v.is_string() && value.find(',') != std::string::npos) v = parse_or_string("[" + value + "]");  // 1,2,3
+    if (shape == Shape::list && !v.is_array()) {  // 1,2,3 or a single 64
+      json wrapped = parse_or_string("[" + value + "]");
+      if (wrapped.is_array()) v = wrapped;
+    }
   }
 
   json* node = &doc;

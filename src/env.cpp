@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <charconv>
 #include <cstdlib>
 #include <map>
 #include <thread>
@@ -183,17 +184,31 @@ int configure_threads(int num_threads) {
   return at::get_num_threads();
 }
 
+std::optional<int> parse_device_index(const std::string& spec) {
+  if (spec == "cuda") return 0;
+  if (spec.rfind("cuda:", 0) != 0 || spec.size() == 5) return std::nullopt;
+  int index = -1;
+  const char* first = spec.data() + 5;
+  const char* last = spec.data() + spec.size();
+  const auto [end, ec] = std::from_chars(first, last, index);
+  if (ec != std::errc() || end != last || index < 0 || *first == '+') return std::nullopt;
+  return index;
+}
+
 DeviceChoice resolve_device(const std::string& spec, const CudaStatus& cuda) {
+  const std::string quoted = nlohmann::json(spec).dump();  // user text, escaped
   if (spec == "cpu") return {c10::Device(c10::kCPU), "run.device = \"cpu\""};
   const bool usable = cuda.state == CudaState::ok && !cuda.gpus.empty();
+  auto reason = [&] {
+    std::string why = cuda.state == CudaState::ok ? "no CUDA device could be queried" : to_string(cuda.state);
+    return cuda.detail.empty() ? why : why + ": " + cuda.detail;
+  };
   if (spec == "auto") {
     if (usable) return {c10::Device(c10::kCUDA, 0), fmt::format("run.device = \"auto\" chose cuda:0 ({})", cuda.gpus[0].name)};
-    return {c10::Device(c10::kCPU), fmt::format("run.device = \"auto\" chose the CPU: CUDA is not usable ({}{})",
-                                               to_string(cuda.state), cuda.detail.empty() ? "" : ": " + cuda.detail)};
+    return {c10::Device(c10::kCPU), fmt::format("run.device = \"auto\" chose the CPU: CUDA is not usable ({})", reason())};
   }
-  int index = 0;
-  if (spec.rfind("cuda:", 0) == 0) index = std::atoi(spec.c_str() + 5);
-  else if (spec != "cuda") throw UsageError(fmt::format("run.device: unknown device \"{}\"; allowed: auto | cpu | cuda | cuda:N", spec));
+  const std::optional<int> index = parse_device_index(spec);
+  if (!index) throw UsageError(fmt::format("run.device: unknown device {}; allowed: auto | cpu | cuda | cuda:N (N >= 0)", quoted));
   if (!usable) {
     std::string why;
     switch (cuda.state) {
@@ -207,20 +222,21 @@ DeviceChoice resolve_device(const std::string& spec, const CudaStatus& cuda) {
         break;
       case CudaState::no_device: {
         const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
-        why = fmt::format("the driver sees no CUDA device{}", visible ? fmt::format(" (CUDA_VISIBLE_DEVICES=\"{}\")", visible) : "");
+        why = fmt::format("the driver sees no CUDA device{}",
+                          visible ? fmt::format(" (CUDA_VISIBLE_DEVICES={})", nlohmann::json(visible).dump()) : "");
         break;
       }
-      default: why = "CUDA failed to initialise"; break;
+      case CudaState::ok: why = "no CUDA device could be queried"; break;
+      case CudaState::error: why = "CUDA failed to initialise"; break;
     }
     if (!cuda.detail.empty()) why += " [" + cuda.detail + "]";
-    throw UsageError(fmt::format("run.device = \"{}\" but CUDA is not usable: {}. Use run.device = \"cpu\" to train on the CPU.",
-                                spec, why));
+    throw UsageError(fmt::format("run.device = {} but CUDA is not usable: {}. Use run.device = \"cpu\" to train on the CPU.",
+                                 quoted, why));
   }
-  if (index >= static_cast<int>(cuda.gpus.size()))
-    throw UsageError(fmt::format("run.device = \"{}\" but only {} CUDA device(s) are visible (cuda:0 .. cuda:{})", spec,
-                                 cuda.gpus.size(), cuda.gpus.size() - 1));
-  return {c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index)),
-          fmt::format("run.device = \"{}\": {}", spec, cuda.gpus[index].name)};
+  for (const auto& g : cuda.gpus)
+    if (g.index == *index) return {c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(g.index)), fmt::format("run.device = {}: {}", quoted, g.name)};
+  throw UsageError(fmt::format("run.device = {} but only {} CUDA device(s) are visible (cuda:0 .. cuda:{})", quoted,
+                               cuda.gpus.size(), cuda.gpus.size() - 1));
 }
 
 }  // namespace difftrain

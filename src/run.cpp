@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include "difftrain/errors.h"
 
@@ -50,6 +51,17 @@ void write_file_atomic(const fs::path& path, const std::string& content) {
   fsync_path(dir, O_RDONLY | O_DIRECTORY);
 }
 
+nlohmann::ordered_json run_identity(const Config& cfg) {
+  auto j = config_to_json(cfg);
+  j["run"].erase("device");
+  j["run"].erase("num_threads");
+  j["train"].erase("max_steps");  // training longer is a resume, not a new run
+  j["checkpoint"].erase("resume");
+  j["distributed"].erase("timeout_s");
+  j.erase("logging");
+  return j;
+}
+
 fs::path prepare_run_dir(const Config& cfg) {
   const fs::path dir = fs::path(cfg.run.output_dir) / cfg.run.name;
   std::error_code ec;
@@ -57,18 +69,29 @@ fs::path prepare_run_dir(const Config& cfg) {
   if (ec) throw RuntimeError(fmt::format("cannot create run directory {}: {}", dir.string(), ec.message()));
 
   const fs::path config_file = dir / "config.json";
-  const std::string resolved = config_to_string(cfg);
-  if (fs::exists(config_file) && cfg.checkpoint.resume.empty()) {
-    std::ifstream in(config_file, std::ios::binary);
-    std::stringstream existing;
-    existing << in.rdbuf();
-    if (existing.str() != resolved)
-      throw UsageError(fmt::format(
-          "run directory {} already holds a run with a different config ({}). Resume it with --resume latest, "
-          "or start a new run with --set run.name=<new name>; nothing was overwritten.",
-          dir.string(), config_file.string()));
+  if (fs::exists(config_file)) {
+    Config existing;
+    try {
+      existing = load_config(config_file.string());
+    } catch (const ConfigError& e) {
+      throw UsageError(fmt::format("run directory {} holds a config.json this version cannot read ({}); move it away or choose "
+                                   "another run.name", dir.string(), e.what()));
+    }
+    const auto before = run_identity(existing), after = run_identity(cfg);
+    if (before != after) {
+      std::string changes;
+      for (auto s = after.begin(); s != after.end(); ++s)
+        for (auto k = s.value().begin(); k != s.value().end(); ++k)
+          if (!before.contains(s.key()) || before[s.key()].value(k.key(), nlohmann::ordered_json()) != k.value())
+            changes += fmt::format("\n  {}.{}: {} -> {}", s.key(), k.key(),
+                                   before.contains(s.key()) ? before[s.key()].value(k.key(), nlohmann::ordered_json()).dump() : "?",
+                                   k.value().dump());
+      throw UsageError(fmt::format("run directory {} already holds a run with a different config ({}); start a new run with "
+                                   "--set run.name=<new name>, nothing was overwritten. Changed:{}",
+                                   dir.string(), config_file.string(), changes));
+    }
   }
-  write_file_atomic(config_file, resolved);
+  write_file_atomic(config_file, config_to_string(cfg));
   return dir;
 }
 

@@ -27,7 +27,7 @@ std::string capture(const std::string& cmd) {
 
 TEST(Env, VersionsAreConsistent) {
   const EnvReport e = collect_env();
-  EXPECT_EQ(e.torch_version_built, TORCH_VERSION);
+  ASSERT_FALSE(e.torch_version_runtime.empty()) << "no TORCH_VERSION in at::show_config()";
   EXPECT_EQ(e.torch_version_runtime, TORCH_VERSION) << "running with a different LibTorch than the headers";
   EXPECT_EQ(e.hardware_threads, static_cast<int>(std::thread::hardware_concurrency()));
   EXPECT_TRUE(e.gloo_available) << "every LibTorch build this project supports has Gloo";
@@ -114,6 +114,19 @@ TEST(Device, CudaRequestNeverFallsBackAndNamesTheCause) {
   EXPECT_NE(device_error("cuda", status(CudaState::error)).find("failed to initialise"), std::string::npos);
   EXPECT_NE(device_error("cuda:1", status(CudaState::ok, 1)).find("only 1 CUDA device(s)"), std::string::npos);
   EXPECT_NE(device_error("tpu", status(CudaState::ok, 1)).find("unknown device \"tpu\""), std::string::npos);
+  for (const char* bad : {"cuda:-1", "cuda:abc", "cuda:1x", "cuda:", "cuda:+1", "cuda:99999999999"})
+    EXPECT_NE(device_error(bad, status(CudaState::ok, 1)).find("unknown device"), std::string::npos) << bad;
+  EXPECT_NE(device_error("cuda", status(CudaState::ok, 0)).find("no CUDA device could be queried"), std::string::npos);
+}
+
+TEST(Device, GpusAreFoundByTheirIndex) {
+  CudaStatus c = status(CudaState::ok, 3);
+  c.gpus.erase(c.gpus.begin() + 1);  // device 1 could not be queried
+  EXPECT_EQ(resolve_device("cuda:2", c).device, c10::Device(c10::kCUDA, 2));
+  EXPECT_NE(device_error("cuda:1", c).find("only 2 CUDA device(s)"), std::string::npos);
+  EXPECT_EQ(parse_device_index("cuda"), 0);
+  EXPECT_EQ(parse_device_index("cuda:12"), 12);
+  EXPECT_EQ(parse_device_index("cuda:0x1"), std::nullopt);
 }
 
 TEST(Device, AutoPicksCudaWhenUsableAndSaysWhyNot) {

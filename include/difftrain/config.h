@@ -45,7 +45,7 @@ DIFFTRAIN_ENUM(BlockType, DownBlock2D, AttnDownBlock2D, UpBlock2D, AttnUpBlock2D
 DIFFTRAIN_ENUM(TimeScaleShift, default_, scale_shift);
 DIFFTRAIN_ENUM(BetaSchedule, linear, scaled_linear, squaredcos_cap_v2, sigmoid);
 DIFFTRAIN_ENUM(PredictionType, epsilon, v_prediction, sample);
-DIFFTRAIN_ENUM(VarianceType, fixed_small, fixed_small_log, fixed_large, fixed_large_log);
+DIFFTRAIN_ENUM(VarianceType, fixed_small, fixed_small_log, fixed_large);
 DIFFTRAIN_ENUM(TimestepSpacing, leading, trailing, linspace);
 DIFFTRAIN_ENUM(DatasetKind, idx, cifar10, image_folder);
 DIFFTRAIN_ENUM(Split, train, test);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -64,5 +65,7 @@ struct DeviceChoice {
   std::string note;
 };
 DeviceChoice resolve_device(const std::string& spec, const CudaStatus& cuda);
+// "cuda" -> 0, "cuda:N" -> N (N >= 0, digits only); anything else -> nullopt.
+std::optional<int> parse_device_index(const std::string& spec);
 
 }  // namespace difftrain

@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <string>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "difftrain/config.h"
 
 namespace difftrain {
@@ -13,9 +15,13 @@ namespace difftrain {
 // fsync of the directory. A crash leaves either the old file or the new one, never a torn one.
 void write_file_atomic(const std::filesystem::path& path, const std::string& content);
 
+// The keys that define a run: all but where it runs (run.device, run.num_threads), how long
+// (train.max_steps), how it resumes (checkpoint.resume), distributed.timeout_s and logging.
+nlohmann::ordered_json run_identity(const Config& cfg);
+
 // Creates the run directory and writes config.json (the resolved config). An existing run
-// directory is reused only when its config.json matches, or when resuming (checkpoint.resume
-// set): a different config in the same directory is a UsageError, so no run data is overwritten.
+// directory is reused only when its config.json has the same run_identity(); otherwise this is a
+// UsageError naming the changed keys, and nothing is overwritten.
 std::filesystem::path prepare_run_dir(const Config& cfg);
 
 }  // namespace difftrain

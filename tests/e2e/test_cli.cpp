@@ -63,7 +63,9 @@ TEST_F(Cli, EveryHelpExitsZero) {
     EXPECT_NE(r.out.find("Usage:"), std::string::npos);
   }
   const std::string top = run("--help").out;
-  for (const char* sub : {"train", "sample", "env", "config"}) EXPECT_NE(top.find(sub), std::string::npos) << sub;
+  const std::string listed = top.substr(top.find("Subcommands:"));
+  for (const char* sub : {"train", "sample", "env", "config"})
+    EXPECT_NE(listed.find(std::string("\n  ") + sub + " "), std::string::npos) << sub << " is not listed:\n" << listed;
   EXPECT_NE(run("train --help").out.find("--set"), std::string::npos);
 }
 
@@ -140,6 +142,25 @@ TEST_F(Cli, DryRunPreparesTheRunDirectory) {
   EXPECT_EQ(clash.code, 1);
   EXPECT_NE(clash.err.find("different config"), std::string::npos) << clash.err;
   EXPECT_EQ(slurp(run_dir / "config.json"), before);
+}
+
+TEST_F(Cli, ResumeAndPlacementChangesReuseTheRunButOthersAreRefused) {
+  const std::string base = "train --dry-run --config " + config("quickstart.json") + " --set run.output_dir=" + dir_.string();
+  ASSERT_EQ(run(base).code, 0);
+  EXPECT_EQ(run(base + " --device cpu --set train.max_steps=6000 --set logging.log_every=10").code, 0);
+  EXPECT_EQ(run(base + " --resume latest").code, 0);
+  const std::string before = slurp(dir_ / "quickstart" / "config.json");
+  const Result changed = run(base + " --resume latest --set train.batch_size=8");
+  EXPECT_EQ(changed.code, 1);
+  EXPECT_NE(changed.err.find("train.batch_size: 64 -> 8"), std::string::npos) << changed.err;
+  EXPECT_EQ(slurp(dir_ / "quickstart" / "config.json"), before);
+}
+
+TEST_F(Cli, RuntimeErrorsExitTwo) {
+  std::ofstream(dir_ / "not_a_directory") << "x";
+  const Result r = run("train --dry-run --set run.output_dir=" + (dir_ / "not_a_directory").string());
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("cannot create run directory"), std::string::npos) << r.err;
 }
 
 TEST_F(Cli, CudaRequestWithoutCudaExitsOneBeforeTouchingDisk) {
