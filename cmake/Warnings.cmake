@@ -2,7 +2,7 @@
 function(difftrain_set_warnings target)
   target_compile_options(${target} PRIVATE
     $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Wshadow -Wnon-virtual-dtor
-      -Wcast-align -Wunused -Woverloaded-virtual -Wnull-dereference -Wdouble-promotion
+      -Wcast-align -Wunused -Woverloaded-virtual -Wdouble-promotion
       -Wformat=2 -Wimplicit-fallthrough -Wno-unused-parameter
       -Wno-missing-field-initializers>)
   if(DIFFTRAIN_WARNINGS_AS_ERRORS)

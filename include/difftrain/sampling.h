@@ -1,0 +1,46 @@
+// Generating images from a model and a scheduler (diffusers DDPMPipeline / DDIMPipeline), with
+// optional class labels and classifier-free guidance (Ho & Salimans 2022).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include "difftrain/config.h"
+#include "difftrain/scheduler.h"
+#include "difftrain/unet.h"
+
+namespace difftrain {
+
+struct SamplingOptions {
+  Sampler sampler = Sampler::ddim;       // ddpm | ddim
+  int64_t num_inference_steps = 50;      // DDPM usually T; DDIM 50
+  double eta = 0.0;                      // DDIM η
+  int64_t num_samples = 16;
+  int64_t batch_size = 16;               // images denoised at once
+  double guidance_scale = 1.0;           // ε = ε_∅ + s (ε_c - ε_∅); 1 = plain conditional
+  int64_t seed = 0;                      // fixes the result for a given batch_size and device
+  std::vector<int64_t> class_labels;     // per sample, or one for all; empty: cycle through the classes
+
+  static SamplingOptions from(const SamplingConfig& s);
+};
+
+// Denoises num_samples images of the model's shape. Returns float samples (N, C, H, W) in
+// about [-1, 1] on `device`. The model is put in eval mode and run without gradients.
+at::Tensor generate(UNet2DModel& model, const SchedulerConfig& scheduler, const SamplingOptions& opts,
+                    const c10::Device& device);
+
+// The model output with classifier-free guidance: (B, C, H, W) for labels (B); scale 1 runs the
+// conditional pass only.
+at::Tensor guided_model_output(UNet2DModel& model, const at::Tensor& x, const at::Tensor& t, const at::Tensor& labels,
+                               double guidance_scale);
+
+// [-1, 1] floats -> uint8 in [0, 255], as diffusers' pipelines round them.
+at::Tensor to_uint8(const at::Tensor& images);
+// A (C, rows (H + pad) + pad, cols (W + pad) + pad) grid of (N, C, H, W) images, `nrow` per row,
+// as torchvision's make_grid lays it out.
+at::Tensor make_grid(const at::Tensor& images, int64_t nrow, int64_t padding = 2, int64_t pad_value = 0);
+
+}  // namespace difftrain
