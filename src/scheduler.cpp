@@ -26,6 +26,7 @@ SchedulerConfig SchedulerConfig::from(const DiffusionConfig& d) {
   c.clip_sample = d.clip_sample;
   c.clip_sample_range = d.clip_sample_range;
   c.timestep_spacing = d.timestep_spacing;
+  c.steps_offset = d.steps_offset;
   c.rescale_betas_zero_snr = d.rescale_betas_zero_snr;
   return c;
 }

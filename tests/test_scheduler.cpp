@@ -148,6 +148,22 @@ TEST(Scheduler, ZeroTerminalSnr) {
   EXPECT_NEAR(rescaled.alphas_cumprod()[0].item<double>(), plain.alphas_cumprod()[0].item<double>(), 1e-6);  // √ᾱ₀ kept
 }
 
+TEST(Scheduler, ConfigSectionMapsOntoTheScheduler) {
+  const Config cfg = load_config("", {"diffusion.steps_offset=1", "diffusion.beta_schedule=sigmoid", "diffusion.clip_sample=false",
+                                      "diffusion.prediction_type=sample", "diffusion.variance_type=fixed_large",
+                                      "diffusion.num_train_timesteps=500", "diffusion.clip_sample_range=2"});
+  const SchedulerConfig s = SchedulerConfig::from(cfg.diffusion);
+  EXPECT_EQ(s.num_train_timesteps, 500);
+  EXPECT_EQ(s.beta_schedule, BetaSchedule::sigmoid);
+  EXPECT_EQ(s.prediction_type, PredictionType::sample);
+  EXPECT_EQ(s.variance_type, VarianceType::fixed_large);
+  EXPECT_FALSE(s.clip_sample);
+  EXPECT_EQ(s.clip_sample_range, 2.0);
+  NoiseSchedule n(s);
+  n.set_timesteps(5);
+  EXPECT_EQ(n.timesteps(), (std::vector<int64_t>{401, 301, 201, 101, 1}));  // leading, T // n = 100, plus the offset
+}
+
 // Values diffusers' own tests pin (tests/schedulers/test_scheduler_ddpm.py, test_variance).
 TEST(Scheduler, PinnedDdpmVariances) {
   const DDPMScheduler s(make("linear"));

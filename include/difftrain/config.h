@@ -148,6 +148,7 @@ struct DiffusionConfig {
   bool clip_sample = true;
   double clip_sample_range = 1.0;
   TimestepSpacing timestep_spacing = TimestepSpacing::leading;
+  int steps_offset = 0;
   bool rescale_betas_zero_snr = false;
   std::optional<double> snr_gamma = std::nullopt;
 
@@ -161,6 +162,7 @@ struct DiffusionConfig {
     v("clip_sample", clip_sample, "Clip the predicted x₀ to ±clip_sample_range while sampling.");
     v("clip_sample_range", clip_sample_range, "Bound for clip_sample.", {.min = 0, .min_open = true});
     v("timestep_spacing", timestep_spacing, "How inference timesteps are spread (Lin et al. 2023, Table 2).");
+    v("steps_offset", steps_offset, "Added to every 'leading' inference timestep (Stable Diffusion uses 1).", {.min = 0, .max = 1000});
     v("rescale_betas_zero_snr", rescale_betas_zero_snr, "Rescale β to zero terminal SNR (Lin et al. 2023, Alg. 1).");
     v("snr_gamma", snr_gamma, "Min-SNR-γ loss weighting (Hang et al. 2023); null = plain MSE.", {.min = 0, .min_open = true});
   }

@@ -35,6 +35,8 @@ struct SchedulerConfig {
 
   static SchedulerConfig from(const DiffusionConfig& d);
 };
+using DDPMSchedulerConfig = SchedulerConfig;  // diffusers' two schedulers take the same arguments here
+using DDIMSchedulerConfig = SchedulerConfig;
 
 // β₀..β_{T-1} for the config's schedule, float32 (T).
 at::Tensor make_betas(const SchedulerConfig& cfg);
