@@ -48,6 +48,8 @@ struct BadCase {
   const char* fragment;   // and contains this
 };
 
+void PrintTo(const BadCase& c, std::ostream* os) { *os << c.name; }
+
 class BadConfig : public ::testing::TestWithParam<BadCase> {};
 
 TEST_P(BadConfig, NamesThePathAndTheProblem) {
