@@ -505,6 +505,12 @@ const std::vector<Rule>& rules() {
          if (c.distributed.backend == DistBackend::nccl)
            e.push_back("distributed.backend: nccl needs CUDA but run.device is \"cpu\"; use \"gloo\" or \"auto\"");
        }},
+      {"`data.preload` keeps center-cropped images: it needs `data.crop` = center.",
+       [](const Config& c, Errors& e) {
+         if (c.data.preload && c.data.crop != CropMode::center)
+           e.push_back("data.crop: random crops are not available with data.preload = true (preloaded images are cropped once); "
+                       "use center, or preload = false");
+       }},
       {"`ema.min_decay` <= `ema.decay`.",
        [](const Config& c, Errors& e) {
          if (c.ema.min_decay > c.ema.decay)

@@ -51,6 +51,7 @@ DIFFTRAIN_ENUM(DatasetKind, idx, cifar10, image_folder);
 DIFFTRAIN_ENUM(Split, train, test);
 DIFFTRAIN_ENUM(ResizeMode, area, bilinear);
 DIFFTRAIN_ENUM(CropMode, center, random);
+DIFFTRAIN_ENUM(BadImagePolicy, fail, skip);
 DIFFTRAIN_ENUM(LrSchedule, constant, linear, cosine);
 DIFFTRAIN_ENUM(LrScaling, none, linear, sqrt);
 DIFFTRAIN_ENUM(MixedPrecision, no, bf16, fp16);
@@ -178,6 +179,8 @@ struct DataConfig {
   ResizeMode resize = ResizeMode::bilinear;
   CropMode crop = CropMode::center;
   bool random_flip = false;
+  bool allow_upscale = true;
+  BadImagePolicy on_bad_image = BadImagePolicy::fail;
   int64_t subset = 0;
   std::vector<int> class_filter = {};
   int num_workers = 2;
@@ -193,11 +196,14 @@ struct DataConfig {
     v("resize", resize, "Resampling used to reach the resolution before cropping.");
     v("crop", crop, "Crop to a square: center, or random per sample.");
     v("random_flip", random_flip, "Random horizontal flip.");
+    v("allow_upscale", allow_upscale, "Allow images smaller than the resolution to be scaled up (else an error).");
+    v("on_bad_image", on_bad_image, "An undecodable image in an image folder: stop with an error, or skip it and report the count.");
     v("subset", subset, "Use only the first N items; 0 = all.", {.min = 0});
     v("class_filter", class_filter, "Keep only these labels; empty = all.", {.min = 0});
     v("num_workers", num_workers, "Decode/augment threads.", {.min = 0, .max = 256});
     v("prefetch", prefetch, "Batches queued ahead per worker.", {.min = 1, .max = 1024});
-    v("preload", preload, "Keep the whole dataset on the device as uint8 and augment there.");
+    v("preload", preload, "Keep the whole dataset on the device as uint8, resized and center-cropped once; flip and "
+      "normalise there.");
   }
   bool operator==(const DataConfig&) const = default;
 };

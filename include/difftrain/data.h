@@ -1,0 +1,179 @@
+// Datasets behind one interface, the augmentation, and the sharded, deterministic, resumable,
+// prefetching Loader. Batches are (B, C, R, R) float in [-1, 1] with (B) int64 labels (-1 when
+// the dataset has none).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include "difftrain/config.h"
+#include "difftrain/data_formats.h"
+
+namespace difftrain {
+
+struct Sample {
+  at::Tensor image;  // (C, H, W) uint8, at the file's own size and channel count
+  int64_t label = -1;
+};
+
+class Dataset {
+ public:
+  virtual ~Dataset() = default;
+  virtual int64_t size() const = 0;
+  virtual Sample get(int64_t index) const = 0;  // thread-safe
+  virtual int64_t num_classes() const = 0;      // 0 when unlabelled
+  virtual std::string describe() const = 0;
+};
+
+// IDX and CIFAR-10: the whole split decoded into memory.
+class ArrayDataset : public Dataset {
+ public:
+  ArrayDataset(formats::ImageArray array, int64_t num_classes, std::string description);
+  int64_t size() const override { return array_.count; }
+  Sample get(int64_t index) const override;
+  int64_t num_classes() const override { return num_classes_; }
+  std::string describe() const override { return description_; }
+
+ private:
+  formats::ImageArray array_;
+  int64_t num_classes_;
+  std::string description_;
+};
+
+// A folder of PNG/JPEG files. Labels come from the sorted subfolder names; a flat folder is
+// unlabelled. Files are decoded on demand; `on_bad_image` says what an undecodable one does.
+class ImageFolderDataset : public Dataset {
+ public:
+  ImageFolderDataset(const std::string& root, BadImagePolicy on_bad_image);
+  int64_t size() const override { return static_cast<int64_t>(files_.size()); }
+  Sample get(int64_t index) const override;  // a skipped image is replaced by the next good one
+  int64_t num_classes() const override { return static_cast<int64_t>(classes_.size()); }
+  std::string describe() const override;
+  const std::vector<std::string>& classes() const { return classes_; }
+  int64_t skipped() const { return skipped_.load(); }
+
+ private:
+  std::vector<std::string> files_;
+  std::vector<int64_t> labels_;
+  std::vector<std::string> classes_;
+  std::string root_;
+  BadImagePolicy policy_;
+  mutable std::atomic<int64_t> skipped_{0};
+};
+
+// Items `indices` of another dataset (subset and class filter).
+class SubsetDataset : public Dataset {
+ public:
+  SubsetDataset(std::shared_ptr<Dataset> base, std::vector<int64_t> indices);
+  int64_t size() const override { return static_cast<int64_t>(indices_.size()); }
+  Sample get(int64_t index) const override { return base_->get(indices_.at(static_cast<size_t>(index))); }
+  int64_t num_classes() const override { return base_->num_classes(); }
+  std::string describe() const override;
+
+ private:
+  std::shared_ptr<Dataset> base_;
+  std::vector<int64_t> indices_;
+};
+
+// Opens data.dataset at data.path for data.split, then applies data.class_filter and data.subset.
+// Errors (missing files, bad formats, an empty result) name the file.
+std::shared_ptr<Dataset> open_dataset(const DataConfig& cfg);
+
+// ---------------------------------------------------------------------------------------------
+
+struct AugmentOptions {
+  int64_t resolution = 32;
+  int64_t channels = 1;
+  ResizeMode resize = ResizeMode::bilinear;
+  CropMode crop = CropMode::center;
+  bool random_flip = false;
+  bool allow_upscale = true;
+  static AugmentOptions from(const DataConfig& d);
+};
+
+// (C, H, W) uint8 -> (channels, R, R) uint8: channel conversion (gray <-> RGB, alpha dropped),
+// resize of the shorter side to R (area or bilinear with antialiasing), center or random crop,
+// random horizontal flip. Random choices come from `key` alone, so the result does not depend on
+// which thread runs it.
+at::Tensor augment(const at::Tensor& image, const AugmentOptions& opts, uint64_t key);
+// uint8 [0, 255] -> float [-1, 1].
+at::Tensor normalize(const at::Tensor& images);
+
+// ---------------------------------------------------------------------------------------------
+
+struct Batch {
+  at::Tensor images;  // (B, C, R, R) float32 in [-1, 1], on the loader's device
+  at::Tensor labels;  // (B) int64, -1 when unlabelled
+};
+
+// Where a loader is in its stream; goes into checkpoints.
+struct LoaderState {
+  int64_t epoch = 0;
+  int64_t batch = 0;  // next batch within the epoch
+  bool operator==(const LoaderState&) const = default;
+};
+
+struct LoaderOptions {
+  int64_t batch_size = 64;
+  uint64_t seed = 0;
+  int64_t rank = 0, world_size = 1;
+  int64_t num_workers = 2;  // 0 = decode on the calling thread
+  int64_t prefetch = 4;     // batches ready ahead, per worker
+  bool preload = false;     // whole dataset on the device as uint8; flip and normalise there
+  c10::Device device{c10::kCPU};
+  AugmentOptions augment;
+};
+
+// Epoch e visits a permutation that is a pure function of (seed, e), split across ranks as
+// torch's DistributedSampler does (drop_last: every rank gets the same number of whole batches).
+std::vector<int64_t> epoch_indices(int64_t dataset_size, uint64_t seed, int64_t epoch, int64_t rank, int64_t world_size);
+
+class Loader {
+ public:
+  Loader(std::shared_ptr<Dataset> dataset, LoaderOptions opts, LoaderState start = {});
+  ~Loader();
+  Loader(const Loader&) = delete;
+  Loader& operator=(const Loader&) = delete;
+
+  Batch next();                         // blocks until the next batch is ready
+  LoaderState state() const { return state_; }  // the position of the batch next() returns next
+  int64_t batches_per_epoch() const { return batches_per_epoch_; }
+
+ private:
+  struct Ready {
+    Batch batch;
+    std::string error;  // a worker's exception, rethrown by next()
+  };
+  std::vector<int64_t> batch_indices(int64_t epoch, int64_t batch) const;  // dataset indices of one batch
+  Batch build(int64_t epoch, int64_t batch) const;  // decode, augment, stack (pinned on CUDA)
+  void worker();
+  void stop();
+
+  std::shared_ptr<Dataset> dataset_;
+  LoaderOptions opts_;
+  LoaderState state_;
+  int64_t batches_per_epoch_ = 0;
+  at::Tensor preloaded_, preloaded_labels_;  // preload mode: (N, C, R, R) uint8 and (N) on the device
+
+  // Workers take consecutive global batch numbers (epoch * batches_per_epoch + batch).
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<int64_t, Ready> ready_;
+  int64_t next_to_build_ = 0, next_to_return_ = 0;
+  bool stopping_ = false;
+  mutable std::mutex epoch_mu_;
+  mutable std::map<int64_t, std::vector<int64_t>> epoch_cache_;  // indices of recent epochs
+};
+
+}  // namespace difftrain

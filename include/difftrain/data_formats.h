@@ -1,0 +1,50 @@
+// Dataset file formats, parsed from bytes with no LibTorch: IDX (MNIST, Fashion-MNIST; gzip or
+// raw), CIFAR-10 binary batches, and PNG/JPEG through stb_image. Every malformed input is a
+// FormatError naming the file and, where it helps, the byte offset; nothing here may crash on
+// bad bytes (fuzz/fuzz_formats.cpp checks that).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "difftrain/errors.h"
+
+namespace difftrain::formats {
+
+class FormatError : public RuntimeError {
+ public:
+  using RuntimeError::RuntimeError;
+};
+
+// N images of C x H x W uint8 in CHW order, one after another, and their labels (empty if none).
+struct ImageArray {
+  int64_t count = 0, channels = 0, height = 0, width = 0;
+  std::vector<uint8_t> pixels;
+  std::vector<int64_t> labels;
+};
+
+// One decoded image, C x H x W uint8 in CHW order (C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA).
+struct Image {
+  int64_t channels = 0, height = 0, width = 0;
+  std::vector<uint8_t> pixels;
+};
+
+// The bytes of a file, gunzipped when they start with the gzip magic (1f 8b). `max_bytes`
+// bounds the decompressed size.
+std::vector<uint8_t> read_file(const std::string& path, size_t max_bytes = size_t{1} << 32);
+std::vector<uint8_t> gunzip(const std::vector<uint8_t>& bytes, const std::string& name, size_t max_bytes = size_t{1} << 32);
+
+// IDX (LeCun et al., the MNIST format): big-endian magic 0x0000080D (D = dimensions, type 08 =
+// uint8), then D big-endian uint32 sizes, then the data.
+ImageArray parse_idx_images(const std::vector<uint8_t>& bytes, const std::string& name);  // D = 3
+std::vector<int64_t> parse_idx_labels(const std::vector<uint8_t>& bytes, const std::string& name);  // D = 1
+
+// CIFAR-10 binary batch: records of 1 label byte (0..9) and 3072 pixel bytes (R, G, B planes of 32x32).
+ImageArray parse_cifar10(const std::vector<uint8_t>& bytes, const std::string& name);
+
+// PNG or JPEG (any format stb_image reads), with its own channel count.
+Image decode_image(const uint8_t* data, size_t size, const std::string& name);
+
+}  // namespace difftrain::formats

@@ -1,0 +1,387 @@
+#include "difftrain/data.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/_upsample_bilinear2d_aa.h>
+#include <ATen/ops/adaptive_avg_pool2d.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/randperm.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/upsample_bilinear2d.h>
+#include <ATen/ops/where.h>
+#include <fmt/format.h>
+
+#include "difftrain/log.h"
+
+namespace difftrain {
+
+namespace fs = std::filesystem;
+using formats::FormatError;
+
+namespace {
+
+// splitmix64 (Steele et al. 2014): the per-sample random stream is a hash of (seed, epoch, index).
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+uint64_t sample_key(uint64_t seed, int64_t epoch, int64_t index) {
+  return mix(mix(mix(seed) ^ static_cast<uint64_t>(epoch)) ^ static_cast<uint64_t>(index));
+}
+
+at::Tensor pixels_tensor(const uint8_t* data, int64_t c, int64_t h, int64_t w) {
+  return at::from_blob(const_cast<uint8_t*>(data), {c, h, w}, at::TensorOptions().dtype(at::kByte)).clone();  // (C, H, W)
+}
+
+fs::path first_existing(const fs::path& dir, const std::vector<std::string>& names) {
+  for (const auto& n : names)
+    if (fs::exists(dir / n)) return dir / n;
+  return {};
+}
+
+bool is_image_file(const fs::path& p) {
+  std::string ext = p.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return ext == ".png" || ext == ".jpg" || ext == ".jpeg";
+}
+
+std::shared_ptr<Dataset> open_idx(const DataConfig& cfg) {
+  const fs::path dir = cfg.path;
+  const std::string prefix = cfg.split == Split::train ? "train" : "t10k";
+  const auto images = first_existing(dir, {prefix + "-images-idx3-ubyte.gz", prefix + "-images-idx3-ubyte"});
+  const auto labels = first_existing(dir, {prefix + "-labels-idx1-ubyte.gz", prefix + "-labels-idx1-ubyte"});
+  if (images.empty() || labels.empty())
+    throw FormatError(fmt::format("data.path {}: no IDX {} split there (expected {}-images-idx3-ubyte[.gz] and "
+                                  "{}-labels-idx1-ubyte[.gz]; Fashion-MNIST comes with Debian's dataset-fashion-mnist)",
+                                  dir.string(), to_string(cfg.split), prefix, prefix));
+  auto array = formats::parse_idx_images(formats::read_file(images.string()), images.string());
+  array.labels = formats::parse_idx_labels(formats::read_file(labels.string()), labels.string());
+  if (static_cast<int64_t>(array.labels.size()) != array.count)
+    throw FormatError(fmt::format("{} has {} images but {} has {} labels", images.string(), array.count, labels.string(),
+                                  array.labels.size()));
+  const int64_t classes = array.labels.empty() ? 0 : *std::max_element(array.labels.begin(), array.labels.end()) + 1;
+  const std::string what = fmt::format("IDX {} split of {}: {} images {}x{}x1, {} classes", to_string(cfg.split), dir.string(),
+                                       array.count, array.height, array.width, classes);
+  return std::make_shared<ArrayDataset>(std::move(array), classes, what);
+}
+
+std::shared_ptr<Dataset> open_cifar10(const DataConfig& cfg) {
+  const fs::path dir = cfg.path;
+  std::vector<std::string> names;
+  if (cfg.split == Split::train)
+    for (int i = 1; i <= 5; ++i) names.push_back(fmt::format("data_batch_{}.bin", i));
+  else
+    names.push_back("test_batch.bin");
+  formats::ImageArray all;
+  for (const auto& n : names) {
+    const fs::path file = dir / n;
+    if (!fs::exists(file))
+      throw FormatError(fmt::format("data.path {}: missing {} (the CIFAR-10 binary version, cifar-10-batches-bin)", dir.string(), n));
+    auto part = formats::parse_cifar10(formats::read_file(file.string()), file.string());
+    all.count += part.count;
+    all.channels = part.channels;
+    all.height = part.height;
+    all.width = part.width;
+    all.pixels.insert(all.pixels.end(), part.pixels.begin(), part.pixels.end());
+    all.labels.insert(all.labels.end(), part.labels.begin(), part.labels.end());
+  }
+  const std::string what = fmt::format("CIFAR-10 {} split of {}: {} images 32x32x3, 10 classes", to_string(cfg.split), dir.string(),
+                                       all.count);
+  return std::make_shared<ArrayDataset>(std::move(all), 10, what);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+ArrayDataset::ArrayDataset(formats::ImageArray array, int64_t num_classes, std::string description)
+    : array_(std::move(array)), num_classes_(num_classes), description_(std::move(description)) {}
+
+Sample ArrayDataset::get(int64_t i) const {
+  TORCH_CHECK(i >= 0 && i < array_.count, "dataset index ", i, " out of range [0, ", array_.count, ")");
+  const int64_t n = array_.channels * array_.height * array_.width;
+  return {pixels_tensor(array_.pixels.data() + i * n, array_.channels, array_.height, array_.width),
+          array_.labels.empty() ? -1 : array_.labels[static_cast<size_t>(i)]};
+}
+
+ImageFolderDataset::ImageFolderDataset(const std::string& root, BadImagePolicy policy) : root_(root), policy_(policy) {
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) throw FormatError(fmt::format("data.path {}: not a directory", root));
+  std::vector<fs::path> subdirs, flat;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    if (e.is_directory()) subdirs.push_back(e.path());
+    else if (e.is_regular_file() && is_image_file(e.path())) flat.push_back(e.path());
+  }
+  std::sort(subdirs.begin(), subdirs.end());
+  for (const auto& d : subdirs) {
+    std::vector<fs::path> files;
+    for (const auto& e : fs::recursive_directory_iterator(d, ec))
+      if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path());
+    if (files.empty()) continue;
+    std::sort(files.begin(), files.end());
+    for (const auto& f : files) {
+      files_.push_back(f.string());
+      labels_.push_back(static_cast<int64_t>(classes_.size()));
+    }
+    classes_.push_back(d.filename().string());
+  }
+  if (files_.empty()) {  // a flat folder: unlabelled
+    std::sort(flat.begin(), flat.end());
+    for (const auto& f : flat) {
+      files_.push_back(f.string());
+      labels_.push_back(-1);
+    }
+  } else if (!flat.empty()) {
+    log_warn("data.path {}: {} image(s) directly in the folder are ignored; the labelled images are in its subfolders", root,
+             flat.size());
+  }
+  if (files_.empty()) throw FormatError(fmt::format("data.path {}: no PNG or JPEG files (searched it and its subfolders)", root));
+}
+
+Sample ImageFolderDataset::get(int64_t index) const {
+  const int64_t n = size();
+  for (int64_t attempt = 0; attempt < n; ++attempt) {
+    const auto i = static_cast<size_t>((index + attempt) % n);
+    try {
+      const auto bytes = formats::read_file(files_[i], size_t{1} << 28);
+      const auto img = formats::decode_image(bytes.data(), bytes.size(), files_[i]);
+      return {pixels_tensor(img.pixels.data(), img.channels, img.height, img.width), labels_[i]};
+    } catch (const FormatError& e) {
+      if (policy_ == BadImagePolicy::fail)
+        throw FormatError(std::string(e.what()) + " (set data.on_bad_image = \"skip\" to skip such files)");
+      ++skipped_;
+      log_warn("skipping an undecodable image: {}", e.what());
+    }
+  }
+  throw FormatError(fmt::format("data.path {}: none of the {} images could be decoded", root_, n));
+}
+
+std::string ImageFolderDataset::describe() const {
+  return fmt::format("image folder {}: {} images, {}", root_, files_.size(),
+                     classes_.empty() ? std::string("unlabelled") : fmt::format("{} classes", classes_.size()));
+}
+
+SubsetDataset::SubsetDataset(std::shared_ptr<Dataset> base, std::vector<int64_t> indices)
+    : base_(std::move(base)), indices_(std::move(indices)) {}
+
+std::string SubsetDataset::describe() const { return fmt::format("{} items of {}", indices_.size(), base_->describe()); }
+
+std::shared_ptr<Dataset> open_dataset(const DataConfig& cfg) {
+  std::shared_ptr<Dataset> ds;
+  switch (cfg.dataset) {
+    case DatasetKind::idx: ds = open_idx(cfg); break;
+    case DatasetKind::cifar10: ds = open_cifar10(cfg); break;
+    case DatasetKind::image_folder: ds = std::make_shared<ImageFolderDataset>(cfg.path, cfg.on_bad_image); break;
+  }
+  if (cfg.class_filter.empty() && (cfg.subset == 0 || cfg.subset >= ds->size())) return ds;
+  std::vector<int64_t> keep;
+  if (!cfg.class_filter.empty()) {
+    if (ds->num_classes() == 0)
+      throw FormatError(fmt::format("data.class_filter: {} has no labels to filter on", ds->describe()));
+    for (int64_t i = 0; i < ds->size() && (cfg.subset == 0 || static_cast<int64_t>(keep.size()) < cfg.subset); ++i)
+      if (std::find(cfg.class_filter.begin(), cfg.class_filter.end(), ds->get(i).label) != cfg.class_filter.end()) keep.push_back(i);
+  } else {
+    for (int64_t i = 0; i < std::min(cfg.subset, ds->size()); ++i) keep.push_back(i);
+  }
+  if (keep.empty()) throw FormatError(fmt::format("data.class_filter: no item of {} has one of those labels", ds->describe()));
+  return std::make_shared<SubsetDataset>(ds, std::move(keep));
+}
+
+// ---------------------------------------------------------------------------------------------
+
+AugmentOptions AugmentOptions::from(const DataConfig& d) {
+  return {d.resolution, d.channels, d.resize, d.crop, d.random_flip, d.allow_upscale};
+}
+
+at::Tensor augment(const at::Tensor& image, const AugmentOptions& o, uint64_t key) {
+  TORCH_CHECK(image.dim() == 3 && image.scalar_type() == at::kByte, "augment: expected a (C, H, W) uint8 image");
+  at::Tensor x = image;
+  // 1. channels: drop alpha, then gray <-> RGB (ITU-R 601-2 luma, as PIL's convert("L")).
+  if (x.size(0) == 2 || x.size(0) == 4) x = x.slice(0, 0, x.size(0) - 1);
+  if (x.size(0) == 1 && o.channels == 3) x = x.expand({3, x.size(1), x.size(2)});
+  if (x.size(0) == 3 && o.channels == 1) {
+    const auto f = x.to(at::kFloat);
+    x = (f[0] * (299.0 / 1000) + f[1] * (587.0 / 1000) + f[2] * (114.0 / 1000)).round().clamp(0, 255).to(at::kByte).unsqueeze(0);
+  }
+  // 2. resize the shorter side to R (torchvision Resize(R): the longer side is truncated).
+  const int64_t h = x.size(1), w = x.size(2), R = o.resolution;
+  const int64_t short_side = std::min(h, w), long_side = std::max(h, w);
+  if (short_side != R) {
+    if (short_side < R && !o.allow_upscale)
+      throw RuntimeError(fmt::format("{}x{} image is smaller than data.resolution = {} and data.allow_upscale is false", h, w, R));
+    const int64_t new_long = R * long_side / short_side;
+    const int64_t nh = h <= w ? R : new_long, nw = h <= w ? new_long : R;
+    auto f = x.to(at::kFloat).unsqueeze(0);  // (1, C, H, W)
+    if (short_side > R && o.resize == ResizeMode::area) f = at::adaptive_avg_pool2d(f, {nh, nw});
+    else if (short_side > R) f = at::_upsample_bilinear2d_aa(f, {nh, nw}, /*align_corners=*/false);
+    else f = at::upsample_bilinear2d(f, {nh, nw}, /*align_corners=*/false);
+    x = f.squeeze(0).round().clamp(0, 255).to(at::kByte);
+  }
+  // 3. crop R x R: centered (torchvision center_crop rounding) or at a random offset.
+  const int64_t H = x.size(1), W = x.size(2);
+  int64_t top = static_cast<int64_t>(std::round(static_cast<double>(H - R) / 2.0));
+  int64_t left = static_cast<int64_t>(std::round(static_cast<double>(W - R) / 2.0));
+  if (o.crop == CropMode::random) {
+    top = static_cast<int64_t>(mix(key ^ 2) % static_cast<uint64_t>(H - R + 1));
+    left = static_cast<int64_t>(mix(key ^ 3) % static_cast<uint64_t>(W - R + 1));
+  }
+  x = x.slice(1, top, top + R).slice(2, left, left + R);
+  // 4. horizontal flip with probability 1/2.
+  if (o.random_flip && (mix(key ^ 1) & 1)) x = x.flip({2});
+  return x.contiguous();  // (channels, R, R)
+}
+
+at::Tensor normalize(const at::Tensor& images) { return images.to(at::kFloat) / 127.5 - 1.0; }
+
+// ---------------------------------------------------------------------------------------------
+
+std::vector<int64_t> epoch_indices(int64_t n, uint64_t seed, int64_t epoch, int64_t rank, int64_t world) {
+  // torch.utils.data.DistributedSampler(shuffle=True, drop_last=True): randperm seeded with
+  // seed + epoch, cut to a multiple of the world size, then every world-th item from `rank`.
+  auto gen = at::detail::createCPUGenerator(seed + static_cast<uint64_t>(epoch));
+  const auto perm = at::randperm(n, gen, at::TensorOptions().dtype(at::kLong));
+  const int64_t per_rank = n / world;
+  std::vector<int64_t> out;
+  out.reserve(static_cast<size_t>(per_rank));
+  const int64_t* p = perm.data_ptr<int64_t>();
+  for (int64_t i = rank; i < per_rank * world; i += world) out.push_back(p[i]);
+  return out;
+}
+
+Loader::Loader(std::shared_ptr<Dataset> dataset, LoaderOptions opts, LoaderState start)
+    : dataset_(std::move(dataset)), opts_(std::move(opts)), state_(start) {
+  TORCH_CHECK(opts_.world_size >= 1 && opts_.rank >= 0 && opts_.rank < opts_.world_size, "Loader: bad rank/world size");
+  batches_per_epoch_ = dataset_->size() / opts_.world_size / opts_.batch_size;
+  if (batches_per_epoch_ == 0)
+    throw RuntimeError(fmt::format("{} has too few items for one batch of {} on each of {} rank(s)", dataset_->describe(),
+                                   opts_.batch_size, opts_.world_size));
+  TORCH_CHECK(start.epoch >= 0 && start.batch >= 0 && start.batch < batches_per_epoch_, "Loader: resume position (epoch ",
+              start.epoch, ", batch ", start.batch, ") is outside an epoch of ", batches_per_epoch_, " batches");
+  next_to_build_ = next_to_return_ = start.epoch * batches_per_epoch_ + start.batch;
+
+  if (opts_.preload) {  // resize and center-crop once; flips happen per batch on the device
+    AugmentOptions fixed = opts_.augment;
+    fixed.crop = CropMode::center;
+    fixed.random_flip = false;
+    std::vector<at::Tensor> images;
+    std::vector<int64_t> labels;
+    for (int64_t i = 0; i < dataset_->size(); ++i) {
+      const Sample s = dataset_->get(i);
+      images.push_back(augment(s.image, fixed, 0));
+      labels.push_back(s.label);
+    }
+    preloaded_ = at::stack(images).to(opts_.device);  // (N, C, R, R) uint8
+    preloaded_labels_ = at::tensor(labels, at::TensorOptions().dtype(at::kLong)).to(opts_.device);
+    return;
+  }
+  for (int64_t i = 0; i < opts_.num_workers; ++i) threads_.emplace_back([this] { worker(); });
+}
+
+Loader::~Loader() { stop(); }
+
+void Loader::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
+}
+
+std::vector<int64_t> Loader::batch_indices(int64_t epoch, int64_t batch) const {
+  std::lock_guard<std::mutex> lock(epoch_mu_);
+  auto it = epoch_cache_.find(epoch);
+  if (it == epoch_cache_.end()) {
+    if (epoch_cache_.size() > 2) epoch_cache_.erase(epoch_cache_.begin());  // workers straddle at most two epochs
+    it = epoch_cache_.emplace(epoch, epoch_indices(dataset_->size(), opts_.seed, epoch, opts_.rank, opts_.world_size)).first;
+  }
+  return {it->second.begin() + batch * opts_.batch_size, it->second.begin() + (batch + 1) * opts_.batch_size};
+}
+
+Batch Loader::build(int64_t epoch, int64_t batch) const {
+  const std::vector<int64_t> indices = batch_indices(epoch, batch);
+  const int64_t B = opts_.batch_size, C = opts_.augment.channels, R = opts_.augment.resolution;
+  auto options = at::TensorOptions().dtype(at::kByte);
+  if (opts_.device.is_cuda()) options = options.pinned_memory(true);  // for non_blocking copies
+  auto images = at::empty({B, C, R, R}, options);                     // (B, C, R, R) uint8
+  std::vector<int64_t> labels(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t index = indices[static_cast<size_t>(b)];
+    const Sample s = dataset_->get(index);
+    try {
+      images[b].copy_(augment(s.image, opts_.augment, sample_key(opts_.seed, epoch, index)));
+    } catch (const RuntimeError& e) {
+      throw RuntimeError(fmt::format("{} item {}: {}", dataset_->describe(), index, e.what()));
+    }
+    labels[static_cast<size_t>(b)] = s.label;
+  }
+  return {images, at::tensor(labels, at::TensorOptions().dtype(at::kLong))};
+}
+
+void Loader::worker() {
+  while (true) {
+    int64_t g;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      const int64_t ahead = opts_.prefetch * std::max<int64_t>(1, opts_.num_workers);
+      cv_.wait(lock, [&] { return stopping_ || next_to_build_ < next_to_return_ + ahead; });
+      if (stopping_) return;
+      g = next_to_build_++;
+    }
+    Ready r;
+    try {
+      r.batch = build(g / batches_per_epoch_, g % batches_per_epoch_);
+    } catch (const std::exception& e) {
+      r.error = e.what();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ready_.emplace(g, std::move(r));
+    }
+    cv_.notify_all();
+  }
+}
+
+Batch Loader::next() {
+  const int64_t g = state_.epoch * batches_per_epoch_ + state_.batch;
+  Batch host;
+  if (opts_.preload) {
+    const std::vector<int64_t> idx = batch_indices(state_.epoch, state_.batch);
+    std::vector<uint8_t> flip(idx.size(), 0);
+    if (opts_.augment.random_flip)
+      for (size_t b = 0; b < idx.size(); ++b) flip[b] = mix(sample_key(opts_.seed, state_.epoch, idx[b]) ^ 1) & 1;
+    const auto index = at::tensor(idx, at::TensorOptions().dtype(at::kLong)).to(opts_.device);
+    const auto mask = at::tensor(flip, at::TensorOptions().dtype(at::kByte)).to(opts_.device).to(at::kBool).view({-1, 1, 1, 1});
+    const auto images = preloaded_.index_select(0, index);  // (B, C, R, R) uint8 on the device
+    host = {at::where(mask, images.flip({3}), images), preloaded_labels_.index_select(0, index)};
+  } else if (threads_.empty()) {
+    host = build(state_.epoch, state_.batch);
+  } else {
+    Ready r;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return ready_.count(g) > 0; });
+      r = std::move(ready_.at(g));
+      ready_.erase(g);
+      next_to_return_ = g + 1;
+    }
+    cv_.notify_all();
+    if (!r.error.empty()) throw RuntimeError(r.error);
+    host = std::move(r.batch);
+  }
+  if (++state_.batch == batches_per_epoch_) {
+    state_.batch = 0;
+    ++state_.epoch;
+  }
+  return {normalize(host.images.to(opts_.device, /*non_blocking=*/true)), host.labels.to(opts_.device, /*non_blocking=*/true)};
+}
+
+}  // namespace difftrain
