@@ -2,6 +2,7 @@
 
 #include <zlib.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -122,11 +123,20 @@ ImageArray parse_cifar10(const std::vector<uint8_t>& bytes, const std::string& n
 
 Image decode_image(const uint8_t* data, size_t size, const std::string& name) {
   if (size == 0 || size > (size_t{1} << 31)) throw FormatError(name + ": empty or oversized image file");
+  // PNG and JPEG only: stb_image also reads formats (TGA, PSD, HDR, ...) whose headers can claim
+  // huge images that a few bytes then "fill" (found by fuzzing).
+  static const uint8_t kPng[] = {0x89, 'P', 'N', 'G', 0x0D, 0x0A, 0x1A, 0x0A};
+  const bool png = size >= 8 && std::memcmp(data, kPng, 8) == 0;
+  const bool jpeg = size >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF;
+  if (!png && !jpeg) throw FormatError(name + ": not a PNG or JPEG file");
   int w = 0, h = 0, c = 0;
   if (!stbi_info_from_memory(data, static_cast<int>(size), &w, &h, &c))
     throw FormatError(name + ": cannot decode image (" + stbi_failure_reason() + ")");
-  if (static_cast<int64_t>(w) * h > (int64_t{1} << 28)) throw FormatError(name + ": image of " + std::to_string(w) + "x" +
-                                                                             std::to_string(h) + " pixels is too large");
+  // Real files carry at least a byte per few thousand pixels (deflate peaks near 1032:1).
+  const int64_t pixels = static_cast<int64_t>(w) * h;
+  if (pixels > (int64_t{1} << 28) || pixels > std::max<int64_t>(int64_t{1} << 22, 4096 * static_cast<int64_t>(size)))
+    throw FormatError(name + ": header claims " + std::to_string(w) + "x" + std::to_string(h) + " pixels, too many for a " +
+                      std::to_string(size) + "-byte file");
   std::unique_ptr<stbi_uc, void (*)(void*)> px(stbi_load_from_memory(data, static_cast<int>(size), &w, &h, &c, 0), stbi_image_free);
   if (!px) throw FormatError(name + ": cannot decode image (" + stbi_failure_reason() + ")");
   Image img;

@@ -234,6 +234,23 @@ TEST_F(Data, UndecodableImagesFailOrAreSkipped) {
   EXPECT_EQ(lenient.skipped(), 1);
 }
 
+TEST(Formats, OnlyPngAndJpegAndNoHugeClaims) {
+  // Found by scripts/fuzz.sh: a 34-byte TGA header claiming a huge image took stb_image > 10 s.
+  const std::vector<uint8_t> tga = {0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x0b, 0x00, 0x2a, 0x00, 0x03, 0x00, 0x4c, 0x0c, 0xa8, 0x80, 0x10, 0x1f, 0x00, 0x0f, 0xb4, 0x00, 0x44, 0xe8, 0xf7, 0x36, 0x9e, 0x00, 0x00, 0x2a, 0x00, 0x03, 0x10};
+  EXPECT_THROW(formats::decode_image(tga.data(), tga.size(), "tga"), formats::FormatError);
+  const std::vector<uint8_t> bmp = {'B', 'M', 0, 0, 0, 0};
+  EXPECT_THROW(formats::decode_image(bmp.data(), bmp.size(), "bmp"), formats::FormatError);
+  // A PNG header (signature + IHDR) claiming 65535 x 65535 pixels in 33 bytes.
+  std::vector<uint8_t> png = {0x89, 'P', 'N', 'G', 0x0D, 0x0A, 0x1A, 0x0A, 0, 0, 0, 13, 'I', 'H', 'D', 'R', 0, 0, 0xFF, 0xFF,
+                              0, 0, 0xFF, 0xFF, 8, 0, 0, 0, 0, 0, 0, 0, 0};
+  try {
+    formats::decode_image(png.data(), png.size(), "bomb.png");
+    ADD_FAILURE() << "accepted";
+  } catch (const formats::FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("bomb.png"), std::string::npos) << e.what();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Augmentation on synthetic patterns.
 

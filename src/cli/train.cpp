@@ -3,8 +3,10 @@
 #include <cstdlib>
 
 #include <CLI/CLI.hpp>
+#include <fmt/ranges.h>
 
 #include "cli/commands.h"
+#include "difftrain/data.h"
 #include "difftrain/env.h"
 #include "difftrain/errors.h"
 #include "difftrain/log.h"
@@ -44,6 +46,27 @@ int run_train(const TrainOptions& opts) {
   if (device.device.is_cpu() && cfg.run.device == "auto") log_warn("{}", device.note);
   else log_info("device: {} ({})", device.device.str(), device.note);
   log_info("CPU threads: {}", threads);
+
+  // The data, read and checked before anything trains: bad files stop the run here.
+  const auto dataset = open_dataset(cfg.data);
+  log_info("data: {}", dataset->describe());
+  if (cfg.model.num_class_embeds && dataset->num_classes() > *cfg.model.num_class_embeds)
+    throw UsageError(fmt::format("model.num_class_embeds = {} but the dataset has {} classes", *cfg.model.num_class_embeds,
+                                 dataset->num_classes()));
+  if (cfg.model.num_class_embeds && dataset->num_classes() == 0)
+    throw UsageError(fmt::format("model.num_class_embeds is set but {} has no labels", dataset->describe()));
+  LoaderOptions lo;
+  lo.batch_size = cfg.train.batch_size;
+  lo.seed = static_cast<uint64_t>(cfg.run.seed);
+  lo.num_workers = cfg.data.num_workers;
+  lo.prefetch = cfg.data.prefetch;
+  lo.preload = cfg.data.preload;
+  lo.device = device.device;
+  lo.augment = AugmentOptions::from(cfg.data);
+  Loader loader(dataset, lo);
+  const Batch first = loader.next();
+  log_info("loader: {} batches of {} per epoch; first batch {} on {}", loader.batches_per_epoch(), cfg.train.batch_size,
+           fmt::join(first.images.sizes(), "x"), first.images.device().str());
 
   const int64_t effective_batch = static_cast<int64_t>(cfg.train.batch_size) * cfg.train.gradient_accumulation_steps;
   log_info("would train: {} steps of a {}-level UNet on {} ({}), {}x{}x{}, effective batch {} per rank, on {}",

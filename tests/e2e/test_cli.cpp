@@ -161,6 +161,10 @@ TEST_F(Cli, RuntimeErrorsExitTwo) {
   const Result r = run("train --dry-run --set run.output_dir=" + (dir_ / "not_a_directory").string());
   EXPECT_EQ(r.code, 2);
   EXPECT_NE(r.err.find("cannot create run directory"), std::string::npos) << r.err;
+  // A dataset that is not there stops the run before training, naming the path.
+  const Result data = run("train --dry-run --set run.output_dir=" + dir_.string() + " --set data.path=" + (dir_ / "nodata").string());
+  EXPECT_EQ(data.code, 2);
+  EXPECT_NE(data.err.find("nodata: no IDX train split"), std::string::npos) << data.err;
 }
 
 TEST_F(Cli, CudaRequestWithoutCudaExitsOneBeforeTouchingDisk) {
