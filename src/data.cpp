@@ -180,6 +180,12 @@ std::shared_ptr<Dataset> open_dataset(const DataConfig& cfg) {
     case DatasetKind::cifar10: ds = open_cifar10(cfg); break;
     case DatasetKind::image_folder: ds = std::make_shared<ImageFolderDataset>(cfg.path, cfg.on_bad_image); break;
   }
+  if (!cfg.allow_upscale && cfg.dataset != DatasetKind::image_folder) {  // one size for all: check it now
+    const auto& img = ds->get(0).image;
+    if (std::min(img.size(1), img.size(2)) < cfg.resolution)
+      throw FormatError(fmt::format("data.resolution = {} is larger than the {}x{} images of {}, and data.allow_upscale is false",
+                                    cfg.resolution, img.size(1), img.size(2), ds->describe()));
+  }
   if (cfg.class_filter.empty() && (cfg.subset == 0 || cfg.subset >= ds->size())) return ds;
   std::vector<int64_t> keep;
   if (!cfg.class_filter.empty()) {
