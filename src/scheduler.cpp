@@ -1,6 +1,8 @@
 #include "difftrain/scheduler.h"
 
+#include <algorithm>
 #include <cmath>
+#include <iterator>
 
 #include <ATen/ops/cat.h>
 #include <ATen/ops/clamp.h>
@@ -181,6 +183,14 @@ int64_t NoiseSchedule::previous_timestep(int64_t t) const {
 
 // ---------------------------------------------------------------------------------------------
 // DDPM. Scalars are float32, in diffusers' order, so the numbers match it.
+
+int64_t DDPMScheduler::previous_timestep(int64_t t) const {
+  if (num_inference_steps_ == 0) return t - 1;
+  const auto it = std::find(timesteps_.begin(), timesteps_.end(), t);
+  TORCH_CHECK(it != timesteps_.end(), "DDPMScheduler: timestep ", t, " is not one of the ", timesteps_.size(),
+              " inference timesteps");
+  return std::next(it) == timesteps_.end() ? -1 : *std::next(it);
+}
 
 float DDPMScheduler::get_variance(int64_t t) const {
   const int64_t prev_t = previous_timestep(t);

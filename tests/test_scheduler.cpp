@@ -81,7 +81,9 @@ TEST(SchedulerVsDiffusers, DdpmStepsMatch) {
   const auto cases = test::load_json(dir + "/scheduler.json")["ddpm"];  // a copy: the parsed document is a temporary
   ASSERT_GT(cases.size(), 0u);
   for (const auto& c : cases) {
-    DDPMScheduler s(make(c["beta_schedule"], c["prediction_type"], c["variance_type"], c["clip"]));
+    SchedulerConfig cfg = make(c["beta_schedule"], c["prediction_type"], c["variance_type"], c["clip"]);
+    cfg.timestep_spacing = *enum_from_string<TimestepSpacing>(c["spacing"].get<std::string>());
+    DDPMScheduler s(cfg);
     if (!c["n"].is_null()) s.set_timesteps(c["n"]);
     const int64_t t = c["t"];
     const std::string what = "ddpm case " + c.dump();

@@ -77,8 +77,10 @@ class NoiseSchedule {
   void set_timesteps(int64_t num_inference_steps);
   const std::vector<int64_t>& timesteps() const { return timesteps_; }
   int64_t num_inference_steps() const { return num_inference_steps_; }
-  // The timestep a reverse step from t lands on: t - T / num_inference_steps (negative: done).
-  int64_t previous_timestep(int64_t t) const;
+  // The timestep a reverse step from t lands on (negative: done). Here, as DDIM defines it:
+  // t - T / num_inference_steps; DDPMScheduler takes the next entry of timesteps() instead.
+  virtual int64_t previous_timestep(int64_t t) const;
+  virtual ~NoiseSchedule() = default;
 
  protected:
   float alpha_prod(int64_t t) const;  // ᾱ_t as a float, for t in [0, T)
@@ -95,6 +97,9 @@ class NoiseSchedule {
 class DDPMScheduler : public NoiseSchedule {
  public:
   using NoiseSchedule::NoiseSchedule;
+  // t - 1 before set_timesteps(); afterwards the entry after t in timesteps(), or -1 after the
+  // last (diffusers' DDPMScheduler.previous_timestep). t must be one of the timesteps.
+  int64_t previous_timestep(int64_t t) const override;
   // The variance of p(x_{t-1} | x_t) for the variance type (fixed_small: β̃_t, Ho et al. eq. 7;
   // fixed_small_log: its standard deviation; fixed_large: β_t).
   float get_variance(int64_t t) const;

@@ -120,14 +120,21 @@ model_output = torch.randn(2, 3, 8, 8, generator=g)
 tensors.update({"step.sample": sample, "step.model_output": model_output})
 i = 0
 for schedule, pred, var in itertools.product(SCHEDULES, PREDICTIONS, VARIANCES):
-    for n, t, clip in [(None, 999, True), (None, 487, True), (None, 0, True), (50, 980, False), (50, 0, False)]:
-        s = DDPMScheduler(num_train_timesteps=T, beta_schedule=schedule, prediction_type=pred, variance_type=var, clip_sample=clip)
+    # (inference steps, index into its timesteps or a raw t, clip, spacing); trailing/linspace make
+    # DDPM's previous timestep differ from t - T // n.
+    for n, t, clip, spacing in [(None, 999, True, "leading"), (None, 487, True, "leading"), (None, 0, True, "leading"),
+                                (50, 980, False, "leading"), (50, 0, False, "leading"), (7, "2", True, "trailing"),
+                                (7, "6", False, "trailing"), (7, "3", True, "linspace")]:
+        s = DDPMScheduler(num_train_timesteps=T, beta_schedule=schedule, prediction_type=pred, variance_type=var, clip_sample=clip,
+                          timestep_spacing=spacing)
         if n:
             s.set_timesteps(n)
+        if isinstance(t, str):
+            t = int(s.timesteps[int(t)])
         out = s.step(model_output, t, sample, generator=torch.Generator().manual_seed(7))
         tensors[f"ddpm.{i}.prev_sample"], tensors[f"ddpm.{i}.pred_original_sample"] = out.prev_sample, out.pred_original_sample
         cases["ddpm"].append(dict(i=i, beta_schedule=schedule, prediction_type=pred, variance_type=var, n=n, t=t, clip=clip,
-                                  variance=float(s._get_variance(t))))
+                                  spacing=spacing, variance=float(s._get_variance(t))))
         i += 1
 i = 0
 for schedule, pred in itertools.product([s for s in SCHEDULES if s != "sigmoid"], PREDICTIONS):  # DDIM lacks sigmoid
