@@ -207,7 +207,9 @@ AugmentOptions AugmentOptions::from(const DataConfig& d) {
 }
 
 at::Tensor augment(const at::Tensor& image, const AugmentOptions& o, uint64_t key) {
-  TORCH_CHECK(image.dim() == 3 && image.scalar_type() == at::kByte, "augment: expected a (C, H, W) uint8 image");
+  TORCH_CHECK(image.dim() == 3 && image.scalar_type() == at::kByte && image.numel() > 0,
+              "augment: expected a non-empty (C, H, W) uint8 image, got ", image.sizes());
+  TORCH_CHECK(o.resolution >= 1, "augment: resolution must be >= 1");
   at::Tensor x = image;
   // 1. channels: drop alpha, then gray <-> RGB (ITU-R 601-2 luma, as PIL's convert("L")).
   if (x.size(0) == 2 || x.size(0) == 4) x = x.slice(0, 0, x.size(0) - 1);
@@ -223,6 +225,8 @@ at::Tensor augment(const at::Tensor& image, const AugmentOptions& o, uint64_t ke
     if (short_side < R && !o.allow_upscale)
       throw RuntimeError(fmt::format("{}x{} image is smaller than data.resolution = {} and data.allow_upscale is false", h, w, R));
     const int64_t new_long = R * long_side / short_side;
+    if (new_long > 16 * R)  // bounds the float image resized below (decode_image rejects such files first)
+      throw RuntimeError(fmt::format("{}x{} image has an aspect ratio beyond 16:1", h, w));
     const int64_t nh = h <= w ? R : new_long, nw = h <= w ? new_long : R;
     auto f = x.to(at::kFloat).unsqueeze(0);  // (1, C, H, W)
     if (short_side > R && o.resize == ResizeMode::area) f = at::adaptive_avg_pool2d(f, {nh, nw});
@@ -232,8 +236,9 @@ at::Tensor augment(const at::Tensor& image, const AugmentOptions& o, uint64_t ke
   }
   // 3. crop R x R: centered (torchvision center_crop rounding) or at a random offset.
   const int64_t H = x.size(1), W = x.size(2);
-  int64_t top = static_cast<int64_t>(std::round(static_cast<double>(H - R) / 2.0));
-  int64_t left = static_cast<int64_t>(std::round(static_cast<double>(W - R) / 2.0));
+  // torchvision's center_crop rounds with Python's round(): half to even.
+  int64_t top = static_cast<int64_t>(std::nearbyint(static_cast<double>(H - R) / 2.0));
+  int64_t left = static_cast<int64_t>(std::nearbyint(static_cast<double>(W - R) / 2.0));
   if (o.crop == CropMode::random) {
     top = static_cast<int64_t>(mix(key ^ 2) % static_cast<uint64_t>(H - R + 1));
     left = static_cast<int64_t>(mix(key ^ 3) % static_cast<uint64_t>(W - R + 1));
@@ -264,6 +269,7 @@ std::vector<int64_t> epoch_indices(int64_t n, uint64_t seed, int64_t epoch, int6
 Loader::Loader(std::shared_ptr<Dataset> dataset, LoaderOptions opts, LoaderState start)
     : dataset_(std::move(dataset)), opts_(std::move(opts)), state_(start) {
   TORCH_CHECK(opts_.world_size >= 1 && opts_.rank >= 0 && opts_.rank < opts_.world_size, "Loader: bad rank/world size");
+  TORCH_CHECK(opts_.batch_size >= 1 && opts_.prefetch >= 1 && opts_.num_workers >= 0, "Loader: batch_size and prefetch must be >= 1");
   batches_per_epoch_ = dataset_->size() / opts_.world_size / opts_.batch_size;
   if (batches_per_epoch_ == 0)
     throw RuntimeError(fmt::format("{} has too few items for one batch of {} on each of {} rank(s)", dataset_->describe(),
@@ -329,7 +335,9 @@ Batch Loader::build(int64_t epoch, int64_t batch) const {
     }
     labels[static_cast<size_t>(b)] = s.label;
   }
-  return {images, at::tensor(labels, at::TensorOptions().dtype(at::kLong))};
+  auto label_tensor = at::tensor(labels, at::TensorOptions().dtype(at::kLong));
+  if (opts_.device.is_cuda()) label_tensor = label_tensor.pin_memory();
+  return {images, label_tensor};
 }
 
 void Loader::worker() {
@@ -345,8 +353,8 @@ void Loader::worker() {
     Ready r;
     try {
       r.batch = build(g / batches_per_epoch_, g % batches_per_epoch_);
-    } catch (const std::exception& e) {
-      r.error = e.what();
+    } catch (...) {
+      r.error = std::current_exception();  // rethrown, with its type, by next()
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -357,31 +365,43 @@ void Loader::worker() {
 }
 
 Batch Loader::next() {
+  if (failed_) std::rethrow_exception(failed_);  // a loader that failed stays failed
   const int64_t g = state_.epoch * batches_per_epoch_ + state_.batch;
   Batch host;
-  if (opts_.preload) {
-    const std::vector<int64_t> idx = batch_indices(state_.epoch, state_.batch);
-    std::vector<uint8_t> flip(idx.size(), 0);
-    if (opts_.augment.random_flip)
-      for (size_t b = 0; b < idx.size(); ++b) flip[b] = mix(sample_key(opts_.seed, state_.epoch, idx[b]) ^ 1) & 1;
-    const auto index = at::tensor(idx, at::TensorOptions().dtype(at::kLong)).to(opts_.device);
-    const auto mask = at::tensor(flip, at::TensorOptions().dtype(at::kByte)).to(opts_.device).to(at::kBool).view({-1, 1, 1, 1});
-    const auto images = preloaded_.index_select(0, index);  // (B, C, R, R) uint8 on the device
-    host = {at::where(mask, images.flip({3}), images), preloaded_labels_.index_select(0, index)};
-  } else if (threads_.empty()) {
-    host = build(state_.epoch, state_.batch);
-  } else {
-    Ready r;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return ready_.count(g) > 0; });
-      r = std::move(ready_.at(g));
-      ready_.erase(g);
-      next_to_return_ = g + 1;
+  try {
+    if (opts_.preload) {
+      if (epoch_on_device_ != state_.epoch) {  // one upload per epoch: its order and flips
+        const auto order = epoch_indices(dataset_->size(), opts_.seed, state_.epoch, opts_.rank, opts_.world_size);
+        std::vector<uint8_t> flip(order.size(), 0);
+        if (opts_.augment.random_flip)
+          for (size_t b = 0; b < order.size(); ++b) flip[b] = mix(sample_key(opts_.seed, state_.epoch, order[b]) ^ 1) & 1;
+        epoch_order_ = at::tensor(order, at::TensorOptions().dtype(at::kLong)).to(opts_.device);
+        epoch_flip_ = at::tensor(flip, at::TensorOptions().dtype(at::kByte)).to(opts_.device).to(at::kBool);
+        epoch_on_device_ = state_.epoch;
+      }
+      const int64_t from = state_.batch * opts_.batch_size, to = from + opts_.batch_size;
+      const auto index = epoch_order_.slice(0, from, to);                  // (B) on the device
+      const auto mask = epoch_flip_.slice(0, from, to).view({-1, 1, 1, 1});
+      const auto images = preloaded_.index_select(0, index);               // (B, C, R, R) uint8 on the device
+      host = {at::where(mask, images.flip({3}), images), preloaded_labels_.index_select(0, index)};
+    } else if (threads_.empty()) {
+      host = build(state_.epoch, state_.batch);
+    } else {
+      Ready r;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return ready_.count(g) > 0; });
+        r = std::move(ready_.at(g));
+        ready_.erase(g);
+        next_to_return_ = g + 1;
+      }
+      cv_.notify_all();
+      if (r.error) std::rethrow_exception(r.error);
+      host = std::move(r.batch);
     }
-    cv_.notify_all();
-    if (!r.error.empty()) throw RuntimeError(r.error);
-    host = std::move(r.batch);
+  } catch (...) {
+    failed_ = std::current_exception();
+    throw;
   }
   if (++state_.batch == batches_per_epoch_) {
     state_.batch = 0;

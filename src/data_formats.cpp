@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 
@@ -37,8 +38,9 @@ std::vector<int64_t> idx_header(const std::vector<uint8_t>& b, const std::string
   for (uint32_t d = 0; d < want_dims; ++d) {
     const uint32_t n = be32(b, 4 + 4 * size_t{d});
     dims.push_back(n);
+    if (n != 0 && total > (uint64_t{1} << 40) / n)  // checked before multiplying, so it cannot wrap
+      throw FormatError(at_offset(name, 4 + 4 * size_t{d}) + ": IDX sizes are implausibly large");
     total *= n;
-    if (total > (uint64_t{1} << 40)) throw FormatError(at_offset(name, 4 + 4 * size_t{d}) + ": IDX sizes are implausibly large");
   }
   if (b.size() - header != total)
     throw FormatError(name + ": IDX header promises " + std::to_string(total) + " data bytes but the file has " +
@@ -72,6 +74,10 @@ std::vector<uint8_t> gunzip(const std::vector<uint8_t>& bytes, const std::string
 }
 
 std::vector<uint8_t> read_file(const std::string& path, size_t max_bytes) {
+  std::error_code ec;
+  const auto on_disk = std::filesystem::file_size(path, ec);
+  if (!ec && on_disk > max_bytes)
+    throw FormatError(path + ": " + std::to_string(on_disk) + " bytes, more than the " + std::to_string(max_bytes) + " allowed");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw FormatError(path + ": cannot open (" + std::strerror(errno) + ")");
   std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), {});
@@ -122,7 +128,7 @@ ImageArray parse_cifar10(const std::vector<uint8_t>& bytes, const std::string& n
 }
 
 Image decode_image(const uint8_t* data, size_t size, const std::string& name) {
-  if (size == 0 || size > (size_t{1} << 31)) throw FormatError(name + ": empty or oversized image file");
+  if (size == 0 || size >= (size_t{1} << 31)) throw FormatError(name + ": empty or oversized image file");
   // PNG and JPEG only: stb_image also reads formats (TGA, PSD, HDR, ...) whose headers can claim
   // huge images that a few bytes then "fill" (found by fuzzing).
   static const uint8_t kPng[] = {0x89, 'P', 'N', 'G', 0x0D, 0x0A, 0x1A, 0x0A};
@@ -139,6 +145,8 @@ Image decode_image(const uint8_t* data, size_t size, const std::string& name) {
                       std::to_string(size) + "-byte file");
   std::unique_ptr<stbi_uc, void (*)(void*)> px(stbi_load_from_memory(data, static_cast<int>(size), &w, &h, &c, 0), stbi_image_free);
   if (!px) throw FormatError(name + ": cannot decode image (" + stbi_failure_reason() + ")");
+  if (std::max(w, h) > 16 * std::min(w, h))  // training images are near square; this bounds the resize
+    throw FormatError(name + ": " + std::to_string(w) + "x" + std::to_string(h) + " has an aspect ratio beyond 16:1");
   Image img;
   img.channels = c;
   img.height = h;

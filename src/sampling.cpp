@@ -48,7 +48,11 @@ at::Tensor generate(UNet2DModel& model, const SchedulerConfig& scheduler_cfg, co
     TORCH_CHECK(y >= 0 && y < *mc.num_class_embeds, "generate: class label ", y, " outside [0, ", *mc.num_class_embeds, ")");
 
   c10::NoGradGuard no_grad;
-  const bool was_training = model->is_training();
+  struct RestoreMode {  // eval while sampling, the caller's mode afterwards, also on errors
+    UNet2DModel& m;
+    bool was_training;
+    ~RestoreMode() { m->train(was_training); }
+  } restore{model, model->is_training()};
   model->eval();
 
   DDPMScheduler ddpm(scheduler_cfg);
@@ -82,7 +86,6 @@ at::Tensor generate(UNet2DModel& model, const SchedulerConfig& scheduler_cfg, co
     }
     batches.push_back(x);
   }
-  model->train(was_training);
   return at::cat(batches);  // (N, C, H, W)
 }
 
@@ -92,6 +95,7 @@ at::Tensor to_uint8(const at::Tensor& images) {
 
 at::Tensor make_grid(const at::Tensor& images, int64_t nrow, int64_t padding, int64_t pad_value) {
   TORCH_CHECK(images.dim() == 4, "make_grid: images must be (N, C, H, W), got ", images.sizes());
+  TORCH_CHECK(nrow >= 1 && padding >= 0 && images.size(0) >= 1, "make_grid: needs images, nrow >= 1 and padding >= 0");
   const int64_t n = images.size(0), c = images.size(1), h = images.size(2), w = images.size(3);
   const int64_t cols = std::min(nrow, n), rows = (n + cols - 1) / cols;
   auto grid = at::full({c, rows * (h + padding) + padding, cols * (w + padding) + padding}, pad_value, images.options());

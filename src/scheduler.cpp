@@ -97,8 +97,9 @@ std::vector<int64_t> inference_timesteps(const SchedulerConfig& cfg, int64_t n) 
     case TimestepSpacing::trailing: {  // round(arange(T, 0, -T/n)) - 1
       const double ratio = static_cast<double>(T) / static_cast<double>(n);
       const auto len = static_cast<int64_t>(std::ceil((0.0 - static_cast<double>(T)) / -ratio));
+      const double delta = (static_cast<double>(T) + -ratio) - static_cast<double>(T);  // numpy arange's step
       for (int64_t i = 0; i < len; ++i)
-        ts.push_back(static_cast<int64_t>(std::nearbyint(static_cast<double>(T) + static_cast<double>(i) * -ratio)) - 1);
+        ts.push_back(static_cast<int64_t>(std::nearbyint(static_cast<double>(T) + static_cast<double>(i) * delta)) - 1);
       break;
     }
   }

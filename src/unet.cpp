@@ -226,7 +226,7 @@ torch::Tensor UNet2DModelImpl::forward(const torch::Tensor& sample, const torch:
                                        const torch::Tensor& class_labels) {
   TORCH_CHECK(sample.dim() == 4, "UNet2DModel: sample must be (B, C, H, W), got ", sample.sizes());
   const int64_t B = sample.size(0);
-  const auto t = timesteps.dim() == 0 ? timesteps.expand({B}) : timesteps;  // (B)
+  const auto t = (timesteps.dim() == 0 ? timesteps.expand({B}) : timesteps).to(sample.device());  // (B)
   auto emb = time_embedding(timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
                                 .to(sample.scalar_type()));  // (B, 4 C0)
   if (class_embedding) {

@@ -144,6 +144,10 @@ TEST_F(Data, IdxCorruptionsAreNamedErrors) {
     EXPECT_NE(err.find((d / "train-images-idx3-ubyte.gz").string()), std::string::npos) << c.name << ": " << err;
     EXPECT_NE(err.find(c.fragment), std::string::npos) << c.name << ": " << err;
   }
+  // Sizes whose product wraps around 2^64 (65536 x 2^24 x 2^24) must not pass the length check.
+  write(dir_ / "wrap/train-images-idx3-ubyte", {0, 0, 8, 3, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0});
+  write(dir_ / "wrap/train-labels-idx1-ubyte", idx_labels(5));
+  EXPECT_NE(error_of([&] { open_dataset(idx_config(dir_ / "wrap")); }).find("implausibly large"), std::string::npos);
   write(dir_ / "mismatch/train-images-idx3-ubyte", images);
   write(dir_ / "mismatch/train-labels-idx1-ubyte", idx_labels(4));
   EXPECT_NE(error_of([&] { open_dataset(idx_config(dir_ / "mismatch")); }).find("has 5 images but"), std::string::npos);
@@ -228,6 +232,15 @@ TEST_F(Data, ImageFolderLabelsFromSubfolders) {
             std::string::npos);
 }
 
+TEST_F(Data, ExtremeAspectRatiosAreBadImages) {
+  write_png(dir_ / "w/a/wide.png", 40, 2, 1, 5);  // 20:1 would resize to a huge strip
+  write_png(dir_ / "w/a/ok.png", 4, 4, 1, 9);
+  EXPECT_NE(error_of([&] { ImageFolderDataset((dir_ / "w").string(), BadImagePolicy::fail).get(1); }).find("beyond 16:1"),
+            std::string::npos);
+  ImageFolderDataset lenient((dir_ / "w").string(), BadImagePolicy::skip);
+  EXPECT_EQ(lenient.get(1).image[0][0][0].item<int>(), 9);  // wide.png (index 1) skipped to the next good one
+}
+
 TEST_F(Data, UndecodableImagesFailOrAreSkipped) {
   write_png(dir_ / "f/a/ok.png", 4, 4, 1, 7);
   write(dir_ / "f/a/broken.png", {0x89, 'P', 'N', 'G', 1, 2, 3});
@@ -277,6 +290,9 @@ TEST(Augment, FlipIsAFlipAndCropKeepsTheCenter) {
   const auto wide = torch::arange(48, torch::kByte).view({1, 6, 8});
   o.random_flip = false;
   EXPECT_TRUE(torch::equal(augment(wide, o, 0), wide.slice(2, 1, 7)));
+  // An odd margin rounds half to even, as torchvision (Python round): 6x7 -> columns 0..5.
+  const auto odd = torch::arange(42, torch::kByte).view({1, 6, 7});
+  EXPECT_TRUE(torch::equal(augment(odd, o, 0), odd.slice(2, 0, 6)));
   // Random crops are windows of the image.
   o.crop = CropMode::random;
   std::set<int> lefts;
@@ -416,6 +432,18 @@ TEST(Loader, PreloadGivesTheSameBatches) {
     ASSERT_TRUE(torch::equal(x.images, y.images)) << "batch " << i;
     ASSERT_TRUE(torch::equal(x.labels, y.labels)) << "batch " << i;
   }
+}
+
+TEST(Loader, AWorkerErrorIsRethrownOnEveryCallWithoutHanging) {
+  LoaderOptions o = small_options(1);
+  o.augment.resolution = 8;
+  o.augment.allow_upscale = false;  // the 4x4 items cannot be scaled up
+  Loader loader(synthetic(20), o);
+  EXPECT_THROW(loader.next(), RuntimeError);
+  EXPECT_THROW(loader.next(), RuntimeError);
+  LoaderOptions zero = small_options(0);
+  zero.batch_size = 0;
+  EXPECT_THROW(Loader(synthetic(20), zero), c10::Error);
 }
 
 TEST(Loader, TooFewItemsIsAnError) {

@@ -86,6 +86,7 @@ TEST(Sampling, GridLaysOutLikeTorchvision) {
   EXPECT_EQ(grid[0][5][1].item<int>(), 3);       // third image starts the second row
   EXPECT_EQ(grid[0][9][4].item<int>(), 0);       // the sixth cell is empty padding
   EXPECT_EQ(grid[0][0][0].item<int>(), 0);
+  EXPECT_THROW(make_grid(images, /*nrow=*/0), c10::Error);
 }
 
 }  // namespace

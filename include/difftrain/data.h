@@ -6,6 +6,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -145,14 +146,14 @@ class Loader {
   Loader(const Loader&) = delete;
   Loader& operator=(const Loader&) = delete;
 
-  Batch next();                         // blocks until the next batch is ready
+  Batch next();  // blocks until the next batch is ready; after an error, rethrows it on every call
   LoaderState state() const { return state_; }  // the position of the batch next() returns next
   int64_t batches_per_epoch() const { return batches_per_epoch_; }
 
  private:
   struct Ready {
     Batch batch;
-    std::string error;  // a worker's exception, rethrown by next()
+    std::exception_ptr error;  // a worker's exception, rethrown by next()
   };
   std::vector<int64_t> batch_indices(int64_t epoch, int64_t batch) const;  // dataset indices of one batch
   Batch build(int64_t epoch, int64_t batch) const;  // decode, augment, stack (pinned on CUDA)
@@ -164,6 +165,9 @@ class Loader {
   LoaderState state_;
   int64_t batches_per_epoch_ = 0;
   at::Tensor preloaded_, preloaded_labels_;  // preload mode: (N, C, R, R) uint8 and (N) on the device
+  at::Tensor epoch_order_, epoch_flip_;      // preload mode: this epoch's rank indices and flips, on the device
+  int64_t epoch_on_device_ = -1;
+  std::exception_ptr failed_;                // once next() has thrown, it throws the same again
 
   // Workers take consecutive global batch numbers (epoch * batches_per_epoch + batch).
   std::vector<std::thread> threads_;
