@@ -591,11 +591,19 @@ json parse_file(const std::string& path) {
 
 // ---------------------------------------------------------------------------------------------
 
-std::vector<std::string> validate(const Config& cfg) {
-  Errors errs;
+namespace {
+// Range, enum-subset and non-empty checks of every field (a field that failed to read kept its
+// default, which passes).
+void check_values(const Config& cfg, Errors& errs) {
   Config copy = cfg;  // visit() takes non-const refs; the checker only reads
   ValueChecker checker{"", errs};
   copy.visit(checker);
+}
+}  // namespace
+
+std::vector<std::string> validate(const Config& cfg) {
+  Errors errs;
+  check_values(cfg, errs);
   for (const auto& rule : rules()) rule.check(cfg, errs);
   return errs;
 }
@@ -607,11 +615,8 @@ Config config_from_json(const nlohmann::ordered_json& j, const std::string& orig
   JsonReader reader{j, "", errs};
   cfg.visit(reader);
   reader.finish();
-  Config copy = cfg;
-  ValueChecker checker{"", errs};
-  copy.visit(checker);  // a field that failed to read kept its default, which passes
-  if (errs.empty())
-    for (const auto& rule : rules()) rule.check(cfg, errs);  // cross-field checks on a half-read config would mislead
+  if (errs.empty()) errs = validate(cfg);
+  else check_values(cfg, errs);  // cross-field checks on a half-read config would mislead
   if (!errs.empty()) throw ConfigError(errs, origin);
   return cfg;
 }

@@ -192,7 +192,7 @@ std::shared_ptr<Dataset> open_dataset(const DataConfig& cfg) {
     if (ds->num_classes() == 0)
       throw FormatError(fmt::format("data.class_filter: {} has no labels to filter on", ds->describe()));
     for (int64_t i = 0; i < ds->size() && (cfg.subset == 0 || static_cast<int64_t>(keep.size()) < cfg.subset); ++i)
-      if (std::find(cfg.class_filter.begin(), cfg.class_filter.end(), ds->get(i).label) != cfg.class_filter.end()) keep.push_back(i);
+      if (std::find(cfg.class_filter.begin(), cfg.class_filter.end(), ds->label(i)) != cfg.class_filter.end()) keep.push_back(i);
   } else {
     for (int64_t i = 0; i < std::min(cfg.subset, ds->size()); ++i) keep.push_back(i);
   }

@@ -97,7 +97,8 @@ EnvReport collect_env() {
   e.difftrain_version = kVersion;
   e.compiler = fmt::format("GCC {}.{}.{}", __GNUC__, __GNUC_MINOR__, __GNUC_PATCHLEVEL__);
   e.torch_version_built = TORCH_VERSION;
-  const auto settings = build_settings(at::show_config());
+  const std::string config = at::show_config();  // builds a long string: ask once
+  const auto settings = build_settings(config);
   auto get = [&](const char* k) { auto it = settings.find(k); return it == settings.end() ? std::string() : it->second; };
   e.torch_version_runtime = get("TORCH_VERSION");
   e.torch_cuda_built = flag_on(settings, "USE_CUDA");
@@ -118,7 +119,6 @@ EnvReport collect_env() {
   e.nccl_version = nccl_runtime_version();
   e.hardware_threads = static_cast<int>(std::thread::hardware_concurrency());
   e.torch_threads = at::get_num_threads();
-  const std::string config = at::show_config();
   if (auto p = config.find("CPU capability usage: "); p != std::string::npos)
     e.cpu_capability = config.substr(p + 22, config.find('\n', p) - p - 22);
   return e;

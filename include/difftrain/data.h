@@ -32,6 +32,7 @@ class Dataset {
   virtual ~Dataset() = default;
   virtual int64_t size() const = 0;
   virtual Sample get(int64_t index) const = 0;  // thread-safe
+  virtual int64_t label(int64_t index) const { return get(index).label; }  // without decoding, where possible
   virtual int64_t num_classes() const = 0;      // 0 when unlabelled
   virtual std::string describe() const = 0;
 };
@@ -42,6 +43,9 @@ class ArrayDataset : public Dataset {
   ArrayDataset(formats::ImageArray array, int64_t num_classes, std::string description);
   int64_t size() const override { return array_.count; }
   Sample get(int64_t index) const override;
+  int64_t label(int64_t index) const override {
+    return array_.labels.empty() ? -1 : array_.labels.at(static_cast<size_t>(index));
+  }
   int64_t num_classes() const override { return num_classes_; }
   std::string describe() const override { return description_; }
 
@@ -58,6 +62,7 @@ class ImageFolderDataset : public Dataset {
   ImageFolderDataset(const std::string& root, BadImagePolicy on_bad_image);
   int64_t size() const override { return static_cast<int64_t>(files_.size()); }
   Sample get(int64_t index) const override;  // a skipped image is replaced by the next good one
+  int64_t label(int64_t index) const override { return labels_.at(static_cast<size_t>(index)); }
   int64_t num_classes() const override { return static_cast<int64_t>(classes_.size()); }
   std::string describe() const override;
   const std::vector<std::string>& classes() const { return classes_; }
