@@ -10,6 +10,7 @@
 #include <memory>
 
 #include <stb/stb_image.h>
+#include <stb/stb_image_write.h>  // declarations only: Debian's libstb holds the implementation
 
 namespace difftrain::formats {
 
@@ -157,6 +158,31 @@ Image decode_image(const uint8_t* data, size_t size, const std::string& name) {
       for (int64_t k = 0; k < c; ++k)
         img.pixels[static_cast<size_t>((k * h + y) * w + x)] = px.get()[(y * w + x) * c + k];
   return img;
+}
+
+std::vector<uint8_t> encode_png(const uint8_t* pixels, int64_t channels, int64_t height, int64_t width, PixelLayout layout) {
+  constexpr int64_t kMaxPixels = int64_t{1} << 28;  // checked one side at a time, so the product cannot wrap
+  if (channels < 1 || channels > 4 || height < 1 || width < 1 || height > kMaxPixels || width > kMaxPixels ||
+      height * width > kMaxPixels)
+    throw FormatError("encode_png: cannot encode " + std::to_string(channels) + "x" + std::to_string(height) + "x" +
+                      std::to_string(width) + " pixels (channels must be 1..4, at least 1x1 and at most 2^28 pixels)");
+  const size_t c = static_cast<size_t>(channels), h = static_cast<size_t>(height), w = static_cast<size_t>(width);
+  std::vector<uint8_t> hwc;
+  if (layout == PixelLayout::kCHW && c > 1) {  // CHW -> HWC, the order PNG rows hold
+    hwc.resize(c * h * w);
+    for (size_t k = 0; k < c; ++k)
+      for (size_t i = 0; i < h * w; ++i) hwc[i * c + k] = pixels[k * h * w + i];
+    pixels = hwc.data();
+  }
+  std::vector<uint8_t> png;
+  auto append = [](void* ctx, void* data, int size) {
+    auto* out = static_cast<std::vector<uint8_t>*>(ctx);
+    out->insert(out->end(), static_cast<uint8_t*>(data), static_cast<uint8_t*>(data) + size);
+  };
+  if (!stbi_write_png_to_func(append, &png, static_cast<int>(width), static_cast<int>(height), static_cast<int>(channels), pixels,
+                              static_cast<int>(w * c)))
+    throw FormatError("encode_png: stb_image_write failed on " + std::to_string(width) + "x" + std::to_string(height) + " pixels");
+  return png;
 }
 
 }  // namespace difftrain::formats

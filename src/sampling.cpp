@@ -1,6 +1,7 @@
 #include "difftrain/sampling.h"
 
 #include <cmath>
+#include <fstream>
 
 #include <ATen/Context.h>
 #include <ATen/ops/cat.h>
@@ -9,6 +10,10 @@
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/GradMode.h>
+#include <fmt/format.h>
+
+#include "difftrain/data_formats.h"
+#include "difftrain/errors.h"
 
 namespace difftrain {
 
@@ -106,6 +111,25 @@ at::Tensor make_grid(const at::Tensor& images, int64_t nrow, int64_t padding, in
         .copy_(images[i]);
   }
   return grid;
+}
+
+void write_png(const std::filesystem::path& path, const at::Tensor& image) {
+  TORCH_CHECK(image.dim() == 3 && image.scalar_type() == at::kByte, "write_png: needs a (C, H, W) uint8 tensor");
+  const auto chw = image.cpu().contiguous();
+  const auto png = formats::encode_png(chw.const_data_ptr<uint8_t>(), chw.size(0), chw.size(1), chw.size(2));
+  std::error_code ec;
+  if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path(), ec);
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(png.data()), static_cast<std::streamsize>(png.size()));
+  out.flush();
+  if (!out) throw RuntimeError(fmt::format("cannot write {}", path.string()));
+}
+
+void save_sample_folder(const std::filesystem::path& dir, const at::Tensor& images) {
+  TORCH_CHECK(images.dim() == 4 && images.size(0) >= 1, "save_sample_folder: needs (N, C, H, W) images");
+  for (int64_t i = 0; i < images.size(0); ++i) write_png(dir / fmt::format("{:06d}.png", i), images[i]);
+  const auto nrow = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(images.size(0)))));
+  write_png(dir / "grid.png", make_grid(images, nrow));
 }
 
 }  // namespace difftrain

@@ -55,6 +55,7 @@ DIFFTRAIN_ENUM(BadImagePolicy, fail, skip);
 DIFFTRAIN_ENUM(LrSchedule, constant, linear, cosine);
 DIFFTRAIN_ENUM(LrScaling, none, linear, sqrt);
 DIFFTRAIN_ENUM(MixedPrecision, no, bf16, fp16);
+DIFFTRAIN_ENUM(OptimizerImpl, auto_, fused, foreach, loop);
 DIFFTRAIN_ENUM(LogLevel, trace, debug, info, warn, error);
 DIFFTRAIN_ENUM(DistBackend, auto_, nccl, gloo);
 DIFFTRAIN_ENUM(Sampler, ddpm, ddim);
@@ -224,6 +225,7 @@ struct TrainConfig {
   MixedPrecision mixed_precision = MixedPrecision::no;
   double class_dropout_prob = 0.1;
   int max_nonfinite_steps = 10;
+  OptimizerImpl optimizer_impl = OptimizerImpl::auto_;
 
   template <class V> void visit(V& v) {
     v("batch_size", batch_size, "Images per micro-batch on each rank.", {.min = 1});
@@ -241,7 +243,10 @@ struct TrainConfig {
     v("mixed_precision", mixed_precision, "Autocast dtype: none, bf16, or fp16 with dynamic loss scaling (CUDA only).");
     v("class_dropout_prob", class_dropout_prob, "Probability of training on the null class (classifier-free guidance).",
       {.min = 0, .max = 1});
-    v("max_nonfinite_steps", max_nonfinite_steps, "Stop after this many non-finite losses in a row.", {.min = 1});
+    v("max_nonfinite_steps", max_nonfinite_steps, "Stop after this many non-finite losses or gradients in a row (each such "
+      "step is skipped).", {.min = 1});
+    v("optimizer_impl", optimizer_impl, "AdamW kernels: fused (one kernel for all tensors), foreach (multi-tensor ops) or a "
+      "per-tensor loop; auto = fused. All three compute the same update.");
   }
   bool operator==(const TrainConfig&) const = default;
 };
@@ -332,6 +337,7 @@ struct SamplingConfig {
   double guidance_scale = 1.0;
   bool use_ema = true;
   int64_t seed = 0;
+  int num_final_samples = 1000;
 
   template <class V> void visit(V& v) {
     v("sampler", sampler, "Sampler for grids and `difftrain sample`.");
@@ -342,6 +348,8 @@ struct SamplingConfig {
     v("guidance_scale", guidance_scale, "Classifier-free guidance scale; 1 = no guidance.", {.min = 0});
     v("use_ema", use_ema, "Sample with the EMA weights.");
     v("seed", seed, "Seed of the sampling noise (grids are comparable across steps).", {.min = 0});
+    v("num_final_samples", num_final_samples, "Images written one PNG each to samples/final/ when training ends (for "
+      "scoring); 0 = none.", {.min = 0, .max = 1000000});
   }
   bool operator==(const SamplingConfig&) const = default;
 };

@@ -1,5 +1,5 @@
 // Dataset file formats, parsed from bytes with no LibTorch: IDX (MNIST, Fashion-MNIST; gzip or
-// raw), CIFAR-10 binary batches, and PNG/JPEG through stb_image. Every malformed input is a
+// raw), CIFAR-10 binary batches, and PNG/JPEG through stb_image (PNG out through stb_image_write). Every malformed input is a
 // FormatError naming the file and, where it helps, the byte offset; nothing here may crash on
 // bad bytes (fuzz/fuzz_formats.cpp checks that).
 #pragma once
@@ -46,5 +46,13 @@ ImageArray parse_cifar10(const std::vector<uint8_t>& bytes, const std::string& n
 
 // PNG or JPEG (any format stb_image reads), with its own channel count.
 Image decode_image(const uint8_t* data, size_t size, const std::string& name);
+
+// The order of `pixels` given to encode_png: planes (CHW, as Image) or interleaved (HWC).
+enum class PixelLayout { kCHW, kHWC };
+
+// A PNG file (stb_image_write, 8 bits per sample) of `channels` x `height` x `width` uint8 pixels;
+// channels 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (the PNG colour types 0, 4, 2, 6).
+std::vector<uint8_t> encode_png(const uint8_t* pixels, int64_t channels, int64_t height, int64_t width,
+                                PixelLayout layout = PixelLayout::kCHW);
 
 }  // namespace difftrain::formats

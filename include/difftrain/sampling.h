@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -42,5 +43,11 @@ at::Tensor to_uint8(const at::Tensor& images);
 // A (C, rows (H + pad) + pad, cols (W + pad) + pad) grid of (N, C, H, W) images, `nrow` per row,
 // as torchvision's make_grid lays it out.
 at::Tensor make_grid(const at::Tensor& images, int64_t nrow, int64_t padding = 2, int64_t pad_value = 0);
+
+// Writes a (C, H, W) uint8 image (C = 1 or 3) as a PNG, creating the directory.
+void write_png(const std::filesystem::path& path, const at::Tensor& image);
+// Writes (N, C, H, W) uint8 images as dir/000000.png, 000001.png, ... and dir/grid.png (all of
+// them, ⌈√N⌉ per row).
+void save_sample_folder(const std::filesystem::path& dir, const at::Tensor& images);
 
 }  // namespace difftrain

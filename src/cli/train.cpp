@@ -11,6 +11,9 @@
 #include "difftrain/errors.h"
 #include "difftrain/log.h"
 #include "difftrain/run.h"
+#include "difftrain/signals.h"
+#include "difftrain/trainer.h"
+#include "difftrain/unet.h"
 
 namespace difftrain::cli {
 
@@ -55,30 +58,21 @@ int run_train(const TrainOptions& opts) {
                                  dataset->num_classes()));
   if (cfg.model.num_class_embeds && dataset->num_classes() == 0)
     throw UsageError(fmt::format("model.num_class_embeds is set but {} has no labels", dataset->describe()));
-  LoaderOptions lo;
-  lo.batch_size = cfg.train.batch_size;
-  lo.seed = static_cast<uint64_t>(cfg.run.seed);
-  lo.num_workers = cfg.data.num_workers;
-  lo.prefetch = cfg.data.prefetch;
-  lo.preload = cfg.data.preload;
-  lo.device = device.device;
-  lo.augment = AugmentOptions::from(cfg.data);
-  Loader loader(dataset, lo);
-  const Batch first = loader.next();
-  log_info("loader: {} batches of {} per epoch; first batch {} on {}", loader.batches_per_epoch(), cfg.train.batch_size,
-           fmt::join(first.images.sizes(), "x"), first.images.device().str());
-
-  const int64_t effective_batch = static_cast<int64_t>(cfg.train.batch_size) * cfg.train.gradient_accumulation_steps;
-  log_info("would train: {} steps of a {}-level UNet on {} ({}), {}x{}x{}, effective batch {} per rank, on {}",
-               cfg.train.max_steps, cfg.model.block_out_channels.size(), to_string(cfg.data.dataset), cfg.data.path,
-               cfg.data.channels, cfg.data.resolution, cfg.data.resolution, effective_batch, device.device.str());
+  const int64_t effective_batch =
+      static_cast<int64_t>(cfg.train.batch_size) * cfg.train.gradient_accumulation_steps;
   if (opts.dry_run) {
-    log_info("--dry-run: configuration, device and run directory are ready; stopping before training");
+    log_info("--dry-run: {} steps of a {}-level UNet, effective batch {} per rank, on {}: configuration, device, data and run "
+             "directory are ready; stopping before training", cfg.train.max_steps, cfg.model.block_out_channels.size(),
+             effective_batch, device.device.str());
     return kExitOk;
   }
-  log_warn("the training loop is not part of this version yet: the configuration was validated and the run directory "
-               "prepared, and nothing was trained");
-  return kExitOk;
+  install_stop_handlers();
+  TrainerOptions to;
+  to.run_dir = run_dir;
+  to.device = device.device;
+  Trainer trainer(cfg, dataset, to);
+  log_info("model: UNet2DModel, {} parameters", count_parameters(*trainer.model()));
+  return trainer.train();
 }
 
 }  // namespace
@@ -95,7 +89,7 @@ void set_train_command(CLI::App* app, int& exit_code) {
                                                Config{}.run.device + ")")
       ->type_name("DEVICE")
       ->group("Run");
-  cmd->add_flag("--dry-run", opts.dry_run, "Validate, check the device and prepare the run directory, then stop")->group("Run");
+  cmd->add_flag("--dry-run", opts.dry_run, "Validate, check the device, read the data and prepare the run directory, then stop")->group("Run");
   cmd->callback([&exit_code] { exit_code = run_train(opts); });
 }
 

@@ -1,0 +1,93 @@
+// The training loop (Ho et al. 2020, Algorithm 1, with the usual engineering): sample t and ε,
+// x_t = add_noise(x₀, ε, t), regress the model output on the target of the prediction type,
+// accumulate over micro-batches, clip, AdamW with an LR schedule, EMA; checkpoints, sample grids
+// and logs at their intervals; exact resume; a checkpoint and kExitStopped on a stop signal.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include "difftrain/amp.h"
+#include "difftrain/config.h"
+#include "difftrain/data.h"
+#include "difftrain/ema.h"
+#include "difftrain/optim.h"
+#include "difftrain/scheduler.h"
+#include "difftrain/unet.h"
+
+namespace difftrain {
+
+class MetricsLogger;
+
+// Per-sample diffusion loss (B): w(t) · mean over (C, H, W) of (model_output - target)², in
+// float32, target and w as NoiseSchedule::training_target and loss_weights give them.
+at::Tensor diffusion_loss(const at::Tensor& model_output, const at::Tensor& target, const at::Tensor& weights);
+
+// Per-rank seed from the global seed (splitmix64), so rank r's stream never overlaps rank 0's.
+uint64_t derive_seed(uint64_t seed, uint64_t stream);
+
+struct TrainerOptions {
+  std::filesystem::path run_dir;
+  c10::Device device{c10::kCPU};
+  int64_t rank = 0, world_size = 1;
+};
+
+class Trainer {
+ public:
+  // Builds the model, optimizer, EMA and loader; with checkpoint.resume set, loads that
+  // checkpoint (refusing one whose run identity differs from the config).
+  Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOptions opts);
+  ~Trainer();
+
+  // Trains until train.max_steps; returns kExitOk, or kExitStopped after a stop signal and a
+  // checkpoint. A run of non-finite steps longer than train.max_nonfinite_steps is a RuntimeError.
+  int train();
+
+  // One optimizer step: gradient_accumulation_steps micro-batches, clip, AdamW, EMA. No host sync.
+  void train_step();
+
+  int64_t step() const { return step_; }
+  UNet2DModel& model() { return model_; }
+  UNet2DModel& sampling_model() { return ema_ ? ema_model_ : model_; }
+  std::filesystem::path save_checkpoint_now();  // returns its directory
+
+ private:
+  void resume_from(const std::filesystem::path& path);
+  void log_interval(bool final);
+  void write_sample_grid();
+  void write_final_samples();
+  void check_nonfinite() const;
+
+  Config cfg_;
+  TrainerOptions opts_;
+  std::shared_ptr<Dataset> dataset_;
+  std::unique_ptr<Loader> loader_;
+  NoiseSchedule schedule_;
+  UNet2DModel model_{nullptr}, ema_model_{nullptr};
+  std::vector<at::Tensor> params_;  // the model's, in named_parameters() order
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<EMAModel> ema_;
+  std::unique_ptr<GradScaler> scaler_;  // fp16 only
+  std::optional<c10::ScalarType> autocast_;
+  at::Generator generator_;             // t, ε and class dropout, on the device
+  std::unique_ptr<MetricsLogger> metrics_;
+  int64_t step_ = 0;
+  LoaderState resume_loader_state_;  // where the loader starts (a checkpoint's position)
+  double base_lr_ = 0;
+
+  // Accumulated on the device between log intervals (read there only).
+  at::Tensor loss_sum_, grad_norm_sum_, nonfinite_streak_, max_streak_, skipped_, quartile_sum_, quartile_count_;
+  int64_t interval_steps_ = 0;
+  std::chrono::steady_clock::time_point interval_start_;
+  std::chrono::steady_clock::time_point train_start_;
+  int64_t start_step_ = 0;
+};
+
+}  // namespace difftrain

@@ -1,0 +1,431 @@
+#include "difftrain/trainer.h"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+
+#include <ATen/Context.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/maximum.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/rand.h>
+#include <ATen/ops/randint.h>
+#include <ATen/ops/randn.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/GradMode.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "difftrain/checkpoint.h"
+#include "difftrain/errors.h"
+#include "difftrain/log.h"
+#include "difftrain/metrics.h"
+#include "difftrain/run.h"
+#include "difftrain/sampling.h"
+#include "difftrain/signals.h"
+
+namespace difftrain {
+
+namespace fs = std::filesystem;
+
+at::Tensor diffusion_loss(const at::Tensor& model_output, const at::Tensor& target, const at::Tensor& weights) {
+  const auto mse = (model_output.to(at::kFloat) - target.to(at::kFloat)).pow(2).mean({1, 2, 3});  // (B)
+  return mse * weights;
+}
+
+uint64_t derive_seed(uint64_t seed, uint64_t stream) {
+  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (stream + 1);  // splitmix64 (Steele et al. 2014)
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return (z ^ (z >> 31)) & ((uint64_t{1} << 63) - 1);  // a non-negative int64, as torch seeds are
+}
+
+namespace {
+
+NamedTensors named_parameters(UNet2DModel& m) {
+  NamedTensors out;
+  for (const auto& item : m->named_parameters()) out.emplace_back(item.key(), item.value());
+  return out;
+}
+
+void load_named(UNet2DModel& m, const std::map<std::string, at::Tensor>& tensors, const std::string& what) {
+  c10::NoGradGuard no_grad;
+  for (auto& [name, p] : named_parameters(m)) {
+    const auto it = tensors.find(name);
+    if (it == tensors.end()) throw CheckpointError(fmt::format("{}: no tensor {}", what, name));
+    if (it->second.sizes() != p.sizes())
+      throw CheckpointError(fmt::format("{}: {} has shape [{}], the model has [{}]", what, name,
+                                        fmt::join(it->second.sizes(), ", "), fmt::join(p.sizes(), ", ")));
+    p.copy_(it->second);
+  }
+}
+
+// The device's default generator (a handle sharing its state).
+at::Generator default_generator(const c10::Device& device) { return at::globalContext().defaultGenerator(device); }
+
+at::Tensor generator_state(at::Generator g) {
+  std::lock_guard<std::mutex> lock(g.mutex());
+  return g.get_state();
+}
+
+void set_generator_state(at::Generator& g, const at::Tensor& state) {
+  std::lock_guard<std::mutex> lock(g.mutex());
+  g.set_state(state);
+}
+
+std::string duration_text(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const auto s = static_cast<int64_t>(seconds + 0.5);
+  if (s >= 3600) return fmt::format("{}h{:02d}m", s / 3600, (s % 3600) / 60);
+  if (s >= 60) return fmt::format("{}m{:02d}s", s / 60, s % 60);
+  return fmt::format("{}s", s);
+}
+
+// Keys of run_identity() that differ, as "  key.path: old -> new" lines.
+std::string identity_changes(const Config& before_cfg, const Config& after_cfg) {
+  const auto before = run_identity(before_cfg), after = run_identity(after_cfg);
+  std::string out;
+  for (auto s = after.begin(); s != after.end(); ++s)
+    for (auto k = s.value().begin(); k != s.value().end(); ++k) {
+      const auto old = before.contains(s.key()) ? before[s.key()].value(k.key(), nlohmann::ordered_json()) : nlohmann::ordered_json();
+      if (old != k.value()) out += fmt::format("\n  {}.{}: {} -> {}", s.key(), k.key(), old.dump(), k.value().dump());
+    }
+  return out;
+}
+
+}  // namespace
+
+Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOptions opts)
+    : cfg_(cfg),
+      opts_(std::move(opts)),
+      dataset_(std::move(dataset)),
+      schedule_(SchedulerConfig::from(cfg.diffusion)),
+      generator_(at::globalContext().defaultGenerator(opts_.device).clone()) {
+  const auto& tc = cfg_.train;
+  autocast_ = autocast_dtype(tc.mixed_precision, opts_.device);
+
+  // The same initial weights on every rank: the model is built from the global seed.
+  default_generator(c10::Device(c10::kCPU)).set_current_seed(static_cast<uint64_t>(cfg_.run.seed));
+  model_ = UNet2DModel(cfg_.model);
+  model_->to(opts_.device);
+  model_->train();
+  for (auto& [name, p] : named_parameters(model_)) params_.push_back(p);
+  // Per-rank streams: dropout (the device's default generator) and t, ε, class dropout (ours).
+  const uint64_t rank_seed = derive_seed(static_cast<uint64_t>(cfg_.run.seed), static_cast<uint64_t>(opts_.rank));
+  default_generator(opts_.device).set_current_seed(rank_seed);
+  if (!opts_.device.is_cpu()) default_generator(c10::Device(c10::kCPU)).set_current_seed(rank_seed);
+  generator_.set_current_seed(derive_seed(rank_seed, 1));
+
+  if (cfg_.ema.enabled) {
+    ema_model_ = UNet2DModel(cfg_.model);
+    ema_model_->to(opts_.device);
+    ema_model_->eval();
+    std::vector<at::Tensor> shadow;
+    {
+      c10::NoGradGuard no_grad;
+      size_t i = 0;
+      for (auto& p : ema_model_->parameters()) p.requires_grad_(false).copy_(params_[i++]), shadow.push_back(p);
+    }
+    ema_ = std::make_unique<EMAModel>(std::move(shadow), cfg_.ema);
+  }
+
+  // scale_lr: the effective batch over the per-rank micro-batch (diffusers' --scale_lr is linear).
+  const double batch_ratio = static_cast<double>(tc.gradient_accumulation_steps * opts_.world_size);
+  base_lr_ = tc.learning_rate * (tc.scale_lr == LrScaling::linear ? batch_ratio
+                                 : tc.scale_lr == LrScaling::sqrt ? std::sqrt(batch_ratio)
+                                                                  : 1.0);
+  AdamWOptions ao;
+  ao.beta1 = tc.adam_beta1, ao.beta2 = tc.adam_beta2, ao.eps = tc.adam_epsilon, ao.weight_decay = tc.weight_decay;
+  ao.impl = tc.optimizer_impl;
+  optimizer_ = std::make_unique<AdamW>(named_parameters(model_), ao);
+  if (tc.mixed_precision == MixedPrecision::fp16) scaler_ = std::make_unique<GradScaler>(GradScalerOptions{}, opts_.device);
+
+  const auto fopts = at::TensorOptions().dtype(at::kFloat).device(opts_.device);
+  loss_sum_ = at::zeros({}, fopts), grad_norm_sum_ = at::zeros({}, fopts);
+  nonfinite_streak_ = at::zeros({}, fopts), max_streak_ = at::zeros({}, fopts), skipped_ = at::zeros({}, fopts);
+  quartile_sum_ = at::zeros({4}, fopts), quartile_count_ = at::zeros({4}, fopts);
+
+  // Resume, then the loader from the resumed position.
+  const fs::path ckpt_dir = opts_.run_dir / "checkpoints";
+  if (opts_.rank == 0) {
+    if (const int n = remove_interrupted_saves(ckpt_dir); n > 0)
+      log_warn("removed {} incomplete checkpoint save(s) in {} (a run stopped while saving)", n, ckpt_dir.string());
+  }
+  std::optional<fs::path> resume_path;
+  const auto& resume = cfg_.checkpoint.resume;
+  if (resume == "latest") {
+    std::vector<std::string> skipped;
+    resume_path = find_latest_checkpoint(ckpt_dir, &skipped);
+    for (const auto& s : skipped) log_warn("skipping checkpoint {}", s);
+    if (!resume_path && !skipped.empty())
+      throw CheckpointError(fmt::format("--resume latest: none of the {} checkpoints in {} is usable (see above)", skipped.size(),
+                                        ckpt_dir.string()));
+    if (!resume_path) log_info("--resume latest: no checkpoint in {} yet; starting from step 0", ckpt_dir.string());
+  } else if (!resume.empty()) {
+    resume_path = fs::path(resume);
+  }
+  if (resume_path) resume_from(*resume_path);
+
+  LoaderOptions lo;
+  lo.batch_size = tc.batch_size;
+  lo.seed = static_cast<uint64_t>(cfg_.run.seed);  // the same permutation on every rank, sharded by rank
+  lo.rank = opts_.rank, lo.world_size = opts_.world_size;
+  lo.num_workers = cfg_.data.num_workers;
+  lo.prefetch = cfg_.data.prefetch;
+  lo.preload = cfg_.data.preload;
+  lo.device = opts_.device;
+  lo.augment = AugmentOptions::from(cfg_.data);
+  loader_ = std::make_unique<Loader>(dataset_, lo, resume_loader_state_);
+
+  if (opts_.rank == 0) {
+    MetricsOptions mo;
+    mo.tensorboard = cfg_.logging.tensorboard, mo.jsonl = cfg_.logging.jsonl, mo.prometheus = cfg_.logging.prometheus;
+    mo.run_name = cfg_.run.name;
+    metrics_ = std::make_unique<MetricsLogger>(opts_.run_dir, mo, resume_path ? std::optional<int64_t>(step_) : std::nullopt);
+    if (!resume_path) metrics_->text("config", 0, "```json\n" + config_to_string(cfg_) + "\n```");
+  }
+}
+
+Trainer::~Trainer() = default;
+
+void Trainer::resume_from(const fs::path& path) {
+  const Checkpoint ckpt = load_checkpoint(path);
+  Config saved;
+  try {
+    saved = config_from_json(nlohmann::ordered_json::parse(ckpt.config), (path / "config.json").string());
+  } catch (const std::exception& e) {
+    throw CheckpointError(fmt::format("checkpoint {}: its config.json cannot be read: {}", path.string(), e.what()));
+  }
+  if (const auto changes = identity_changes(saved, cfg_); !changes.empty())
+    throw UsageError(fmt::format("cannot resume from {}: the config changes the model, the data or the optimisation (only "
+                                 "run.device, run.num_threads, train.max_steps, checkpoint.resume, distributed.timeout_s and "
+                                 "logging.* may change on resume). Changed:{}", path.string(), changes));
+  auto part = [&](const std::string& stem) -> std::map<std::string, at::Tensor> {
+    const auto it = ckpt.tensors.find(stem);
+    if (it == ckpt.tensors.end()) throw CheckpointError(fmt::format("checkpoint {} has no {}.safetensors", path.string(), stem));
+    return {it->second.begin(), it->second.end()};
+  };
+  load_named(model_, part("model"), (path / "model.safetensors").string());
+  if (ema_) {
+    load_named(ema_model_, part("ema"), (path / "ema.safetensors").string());
+    ema_->set_optimization_step(ckpt.state.at("ema_optimization_step").get<int64_t>());
+  }
+  const auto optim = part("optimizer");
+  optimizer_->load_state_dict(optim);
+  if (scaler_) scaler_->load_state_dict(optim);
+  const auto rng = part("rng");
+  set_generator_state(generator_, rng.at("trainer"));
+  auto cpu = default_generator(c10::Device(c10::kCPU));
+  set_generator_state(cpu, rng.at("cpu"));
+  if (!opts_.device.is_cpu()) {
+    auto dev = default_generator(opts_.device);
+    const auto it = rng.find("device");
+    if (it == rng.end())
+      log_warn("checkpoint {} was written on the CPU; the {} generator starts from its seed", path.string(), opts_.device.str());
+    else set_generator_state(dev, it->second);
+  }
+  step_ = ckpt.step;
+  resume_loader_state_ = LoaderState{ckpt.state.at("loader").at("epoch").get<int64_t>(), ckpt.state.at("loader").at("batch").get<int64_t>()};
+  log_info("resumed from {} at step {} (loader epoch {}, batch {})", path.string(), step_, resume_loader_state_.epoch,
+           resume_loader_state_.batch);
+}
+
+void Trainer::train_step() {
+  const auto& tc = cfg_.train;
+  const int64_t k = tc.gradient_accumulation_steps;
+  const int64_t T = schedule_.config().num_train_timesteps;
+  const auto& dev = opts_.device;
+  for (int64_t micro = 0; micro < k; ++micro) {
+    const Batch batch = loader_->next();
+    const auto& x0 = batch.images;  // (B, C, H, W) in [-1, 1]
+    const int64_t B = x0.size(0);
+    const auto noise = at::randn(x0.sizes(), generator_, x0.options());                       // ε ~ N(0, I)
+    const auto t = at::randint(T, {B}, generator_, at::TensorOptions().dtype(at::kLong).device(dev));  // t ~ U{0..T-1}
+    at::Tensor labels;
+    if (cfg_.model.num_class_embeds) {  // classifier-free guidance training: the null class with p = class_dropout_prob
+      const auto drop = at::rand({B}, generator_, x0.options()) < tc.class_dropout_prob;
+      labels = at::where(drop, model_->null_class(), batch.labels);
+    }
+    const auto x_t = schedule_.add_noise(x0, noise, t);  // Ho et al. eq. 4
+    at::Tensor out;
+    {
+      AutocastScope autocast(dev.type(), autocast_);
+      out = model_->forward(x_t, t, labels);
+    }
+    const auto per_sample = diffusion_loss(out, schedule_.training_target(x0, noise, t),
+                                           schedule_.loss_weights(t, cfg_.diffusion.snr_gamma));  // (B)
+    const auto loss = per_sample.mean() / static_cast<double>(k);
+    (scaler_ ? scaler_->scale(loss) : loss).backward();
+    {
+      c10::NoGradGuard no_grad;
+      loss_sum_.add_(loss.detach());
+      const auto q = (t * 4).div(T, "floor");  // timestep quartile, as improved-diffusion logs it
+      quartile_sum_.index_add_(0, q, per_sample.detach());
+      quartile_count_.index_add_(0, q, at::ones_like(per_sample));
+    }
+  }
+  std::vector<at::Tensor> grads;
+  for (auto& p : params_) grads.push_back(p.grad());
+  const auto found_inf = scaler_ ? scaler_->unscale_(grads) : at::Tensor();
+  const auto grad_norm = clip_grad_norm_(grads, tc.max_grad_norm, optimizer_->impl() != OptimizerImpl::loop);
+  // A non-finite gradient skips the step (fp16 overflow, or a real NaN elsewhere).
+  const auto nonfinite = scaler_ ? found_inf : at::isfinite(grad_norm).logical_not().to(at::kFloat);
+  optimizer_->step(base_lr_ * lr_lambda(tc.lr_schedule, step_, tc.lr_warmup_steps, tc.max_steps), nonfinite);
+  if (scaler_) scaler_->update(found_inf);
+  optimizer_->zero_grad();
+  if (ema_) ema_->step(params_);
+  {
+    c10::NoGradGuard no_grad;
+    if (!scaler_) nonfinite_streak_.add_(nonfinite).mul_(nonfinite);  // consecutive non-finite steps
+    max_streak_.copy_(at::maximum(max_streak_, nonfinite_streak_));
+    skipped_.add_(nonfinite);
+    grad_norm_sum_.add_(at::where(at::isfinite(grad_norm), grad_norm, 0.0));
+  }
+  ++step_;
+  ++interval_steps_;
+}
+
+void Trainer::check_nonfinite() const {
+  const double streak = max_streak_.item<double>();
+  if (streak >= cfg_.train.max_nonfinite_steps) {
+    const auto latest = find_latest_checkpoint(opts_.run_dir / "checkpoints");
+    throw RuntimeError(fmt::format(
+        "{} training steps in a row had a non-finite loss or gradient (train.max_nonfinite_steps = {}), by step {}; each "
+        "was skipped, and training stops here. {}. Lower train.learning_rate, set train.max_grad_norm, or check the data.",
+        static_cast<int64_t>(streak), cfg_.train.max_nonfinite_steps, step_,
+        latest ? "The last good checkpoint is " + latest->string() : std::string("No checkpoint was written yet")));
+  }
+}
+
+fs::path Trainer::save_checkpoint_now() {
+  check_nonfinite();  // never checkpoint a run that is failing
+  Checkpoint ckpt;
+  ckpt.step = step_;
+  ckpt.config = config_to_string(cfg_);
+  ckpt.tensors["model"] = named_parameters(model_);
+  if (ema_) {
+    ckpt.tensors["ema"] = named_parameters(ema_model_);
+    ckpt.state["ema_optimization_step"] = ema_->optimization_step();
+  }
+  auto optim = optimizer_->state_dict();
+  if (scaler_)
+    for (auto& kv : scaler_->state_dict()) optim.push_back(kv);
+  ckpt.tensors["optimizer"] = std::move(optim);
+  NamedTensors rng = {{"trainer", generator_state(generator_)},
+                      {"cpu", generator_state(default_generator(c10::Device(c10::kCPU)))}};
+  if (!opts_.device.is_cpu()) rng.emplace_back("device", generator_state(default_generator(opts_.device)));
+  ckpt.tensors["rng"] = std::move(rng);
+  const auto ls = loader_->state();
+  ckpt.state["loader"] = {{"epoch", ls.epoch}, {"batch", ls.batch}};
+  ckpt.state["seed"] = cfg_.run.seed;
+  const auto dir = opts_.run_dir / "checkpoints";
+  const auto path = save_checkpoint(dir, ckpt);
+  for (const auto& gone : rotate_checkpoints(dir, cfg_.checkpoint.keep_last, cfg_.checkpoint.keep_every))
+    log_debug("rotated out {}", gone.string());
+  log_info("checkpoint {}", path.string());
+  return path;
+}
+
+void Trainer::log_interval(bool final) {
+  if (interval_steps_ == 0) return;
+  check_nonfinite();
+  const auto now = std::chrono::steady_clock::now();
+  const double secs = std::chrono::duration<double>(now - interval_start_).count();
+  const double loss = loss_sum_.item<double>() / static_cast<double>(interval_steps_);
+  const double grad_norm = grad_norm_sum_.item<double>() / static_cast<double>(interval_steps_);
+  const auto& tc = cfg_.train;
+  const double lr = base_lr_ * lr_lambda(tc.lr_schedule, step_ - 1, tc.lr_warmup_steps, tc.max_steps);
+  const double images = static_cast<double>(interval_steps_ * tc.batch_size * tc.gradient_accumulation_steps * opts_.world_size);
+  const double img_per_s = images / std::max(secs, 1e-9);
+  const double elapsed = std::chrono::duration<double>(now - train_start_).count();
+  const double eta = elapsed / static_cast<double>(step_ - start_step_) * static_cast<double>(tc.max_steps - step_);
+  const auto skipped = static_cast<int64_t>(skipped_.item<double>());
+
+  std::vector<std::pair<std::string, double>> scalars = {
+      {"train/loss", loss}, {"train/lr", lr}, {"train/grad_norm", grad_norm}, {"train/img_per_s", img_per_s},
+      {"train/epoch", static_cast<double>(loader_->state().epoch)}};
+  if (ema_) scalars.emplace_back("train/ema_decay", ema_->cur_decay_value());
+  if (scaler_) scalars.emplace_back("train/loss_scale", scaler_->scale_tensor().item<double>());
+  scalars.emplace_back("train/skipped_steps", static_cast<double>(skipped));
+  const auto qs = quartile_sum_.cpu(), qc = quartile_count_.cpu();
+  for (int q = 0; q < 4; ++q)
+    if (qc[q].item<double>() > 0) scalars.emplace_back(fmt::format("train/loss_q{}", q), qs[q].item<double>() / qc[q].item<double>());
+  if (metrics_) metrics_->scalars(step_, scalars);
+
+  log_info("step {}/{} | loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.1f} img/s | {} | ETA {}{}", step_, tc.max_steps, loss, lr,
+           grad_norm, img_per_s, duration_text(elapsed), final ? "done" : duration_text(eta),
+           skipped > 0 ? fmt::format(" | skipped {} non-finite", skipped) : "");
+
+  loss_sum_.zero_(), grad_norm_sum_.zero_(), quartile_sum_.zero_(), quartile_count_.zero_();
+  interval_steps_ = 0;
+  interval_start_ = std::chrono::steady_clock::now();
+}
+
+void Trainer::write_sample_grid() {
+  auto opts = SamplingOptions::from(cfg_.sampling);
+  auto& model = cfg_.sampling.use_ema ? sampling_model() : model_;
+  const auto images = generate(model, schedule_.config(), opts, opts_.device);  // (N, C, H, W)
+  const auto nrow = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(images.size(0)))));
+  const auto grid = make_grid(to_uint8(images).cpu(), nrow);  // (C, H', W') uint8
+  const fs::path path = opts_.run_dir / "samples" / (checkpoint_dir_name(step_) + ".png");
+  write_png(path, grid);
+  if (metrics_) metrics_->image("samples", step_, grid.const_data_ptr<uint8_t>(), grid.size(0), grid.size(1), grid.size(2));
+  log_info("samples {}", path.string());
+}
+
+void Trainer::write_final_samples() {
+  if (cfg_.sampling.num_final_samples <= 0) return;
+  auto opts = SamplingOptions::from(cfg_.sampling);
+  opts.num_samples = cfg_.sampling.num_final_samples;
+  const fs::path dir = opts_.run_dir / "samples" / "final";
+  const auto start = std::chrono::steady_clock::now();
+  auto& model = cfg_.sampling.use_ema ? sampling_model() : model_;
+  save_sample_folder(dir, to_uint8(generate(model, schedule_.config(), opts, opts_.device)).cpu());
+  log_info("{} samples ({} {} steps) in {} in {}", opts.num_samples, to_string(opts.sampler), opts.num_inference_steps,
+           duration_text(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()), dir.string());
+}
+
+int Trainer::train() {
+  const auto& tc = cfg_.train;
+  const bool rank0 = opts_.rank == 0;
+  if (step_ >= tc.max_steps) {
+    log_info("already trained to step {} (train.max_steps = {}); nothing to do", step_, tc.max_steps);
+    return kExitOk;
+  }
+  log_info("training {} -> {} steps: batch {} x {} accumulation x {} rank(s) = {} images per step, lr {:.2e} ({} schedule, "
+           "{} warmup), AdamW {}, {}", step_, tc.max_steps, tc.batch_size, tc.gradient_accumulation_steps, opts_.world_size,
+           int64_t{tc.batch_size} * tc.gradient_accumulation_steps * opts_.world_size, base_lr_, to_string(tc.lr_schedule),
+           tc.lr_warmup_steps, to_string(optimizer_->impl()),
+           autocast_ ? fmt::format("{} autocast", c10::toString(*autocast_)) : std::string("fp32"));
+  start_step_ = step_;
+  train_start_ = interval_start_ = std::chrono::steady_clock::now();
+  while (step_ < tc.max_steps) {
+    train_step();
+    const bool last = step_ == tc.max_steps;
+    const int sig = stop_signal();
+    if (step_ % cfg_.logging.log_every == 0 || last || sig) log_interval(last);
+    if (rank0 && cfg_.logging.sample_every > 0 && step_ % cfg_.logging.sample_every == 0) write_sample_grid();
+    if (step_ % cfg_.checkpoint.every == 0 || last || sig) {
+      if (rank0) save_checkpoint_now();
+      else check_nonfinite();
+    }
+    if (sig) {
+      log_warn("{} received: stopped after the checkpoint at step {}; resume with --resume latest", signal_name(sig), step_);
+      if (metrics_) metrics_->flush();
+      return kExitStoppedAfterCheckpoint;
+    }
+  }
+  if (rank0) {
+    if (cfg_.logging.sample_every == 0 || step_ % cfg_.logging.sample_every != 0) write_sample_grid();
+    write_final_samples();
+    if (metrics_) metrics_->flush();
+  }
+  return kExitOk;
+}
+
+}  // namespace difftrain
