@@ -1,10 +1,12 @@
 #include "difftrain/checkpoint.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 
@@ -52,6 +54,13 @@ std::optional<int64_t> parse_step_name(const std::string& name) {
   return step;
 }
 
+// Fault injection for the tests: DIFFTRAIN_FAULT=kill_in_save:<step> kills the process with
+// SIGKILL half-way through writing that step's checkpoint.
+void maybe_inject_fault(int64_t step) {
+  const char* fault = std::getenv("DIFFTRAIN_FAULT");
+  if (fault && std::string(fault) == fmt::format("kill_in_save:{}", step)) ::kill(::getpid(), SIGKILL);
+}
+
 void remove_all_quietly(const fs::path& p) {
   std::error_code ec;
   fs::remove_all(p, ec);
@@ -79,7 +88,10 @@ fs::path save_checkpoint(const fs::path& dir, const Checkpoint& ckpt) {
       fsync_path(tmp / file, false);
       files[file] = {{"bytes", bytes.size()}, {"sha256", sha256_hex(bytes.data(), bytes.size())}};
     };
-    for (const auto& [stem, tensors] : ckpt.tensors) add(stem + ".safetensors", safetensors_bytes(tensors));
+    for (const auto& [stem, tensors] : ckpt.tensors) {
+      add(stem + ".safetensors", safetensors_bytes(tensors));
+      maybe_inject_fault(ckpt.step);
+    }
     nlohmann::ordered_json state = ckpt.state;
     state["format_version"] = kCheckpointFormatVersion;
     state["step"] = ckpt.step;

@@ -22,8 +22,12 @@ inline std::string reference_dir() {
     const std::string python = DIFFTRAIN_PYTHON;
     if (python.empty()) return std::string();
     const std::filesystem::path out = DIFFTRAIN_REFERENCE_DIR;
-    if (std::filesystem::exists(out / "scheduler.json")) return out.string();
-    const std::string cmd = python + " " + DIFFTRAIN_SOURCE_DIR + "/tests/reference/make_reference.py " + out.string() +
+    const std::filesystem::path script = std::string(DIFFTRAIN_SOURCE_DIR) + "/tests/reference/make_reference.py";
+    std::error_code ec;  // scheduler.json is written last; older than the script means stale
+    if (std::filesystem::exists(out / "scheduler.json") &&
+        std::filesystem::last_write_time(out / "scheduler.json", ec) >= std::filesystem::last_write_time(script, ec))
+      return out.string();
+    const std::string cmd = python + " " + script.string() + " " + out.string() +
                             " >" + out.string() + ".log 2>&1";
     if (std::system(cmd.c_str()) != 0) {
       std::ifstream log(out.string() + ".log");

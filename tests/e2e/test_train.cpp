@@ -1,0 +1,233 @@
+// `difftrain train` end to end on a Fashion-MNIST subset: the loss falls, the run directory is
+// complete, resume is bit-exact (also after kill -9, and after a kill during a save), a corrupt
+// latest checkpoint falls back, a changed model is refused, stop signals checkpoint and exit 75,
+// and a diverging run stops with an error.
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+extern char** environ;
+
+namespace difftrain {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+class Train : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("difftrain_train_" + std::to_string(::getpid()) + "_" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override {
+    if (!HasFailure()) fs::remove_all(dir_);
+  }
+
+  // A small real job: 256 Fashion-MNIST images at 16x16, a two-level UNet with attention, batch 8.
+  std::vector<std::string> args(const std::string& name, int64_t max_steps, std::vector<std::string> extra = {}) const {
+    std::vector<std::string> a = {
+        DIFFTRAIN_BIN, "train", "--config", std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/quickstart.json",
+        "--set", "run.output_dir=" + dir_.string(), "--set", "run.name=" + name, "--set", "run.num_threads=1",
+        "--set", "data.subset=256", "--set", "data.resolution=16", "--set", "model.sample_size=16",
+        "--set", "model.block_out_channels=[16, 32]", "--set", "model.down_block_types=[\"DownBlock2D\", \"AttnDownBlock2D\"]",
+        "--set", "model.up_block_types=[\"AttnUpBlock2D\", \"UpBlock2D\"]", "--set", "data.num_workers=1",
+        "--set", "train.batch_size=8", "--set", "train.max_steps=" + std::to_string(max_steps),
+        "--set", "train.lr_warmup_steps=5", "--set", "train.learning_rate=0.001", "--set", "train.lr_schedule=constant",
+        "--set", "logging.log_every=5", "--set", "logging.sample_every=20", "--set", "checkpoint.every=10",
+        "--set", "checkpoint.keep_last=10", "--set", "sampling.num_samples=4", "--set", "sampling.num_inference_steps=4",
+        "--set", "sampling.num_final_samples=6"};
+    for (auto& e : extra) a.push_back(std::move(e));
+    return a;
+  }
+
+  pid_t spawn(const std::vector<std::string>& argv, const std::string& log, const std::vector<std::string>& env = {}) const {
+    std::vector<char*> cargv;
+    for (const auto& s : argv) cargv.push_back(const_cast<char*>(s.c_str()));
+    cargv.push_back(nullptr);
+    std::vector<std::string> envs;
+    for (char** e = environ; *e; ++e) envs.emplace_back(*e);
+    for (const auto& e : env) envs.push_back(e);
+    std::vector<char*> cenv;
+    for (auto& s : envs) cenv.push_back(s.data());
+    cenv.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, (dir_ / (log + ".out")).c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&fa, 2, (dir_ / (log + ".err")).c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    pid_t pid = -1;
+    EXPECT_EQ(posix_spawn(&pid, cargv[0], &fa, nullptr, cargv.data(), cenv.data()), 0);
+    posix_spawn_file_actions_destroy(&fa);
+    return pid;
+  }
+  // Exit code, or 128 + signal.
+  static int wait_for(pid_t pid) {
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  int run(const std::vector<std::string>& argv, const std::string& log, const std::vector<std::string>& env = {}) const {
+    return wait_for(spawn(argv, log, env));
+  }
+  std::string err(const std::string& log) const { return slurp(dir_ / (log + ".err")); }
+  fs::path ckpt(const std::string& name, int64_t step) const {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));
+    return dir_ / name / "checkpoints" / buf;
+  }
+  // SHA-256 of every file of a checkpoint except config.json (its output_dir differs by run).
+  static json digests(const fs::path& ckpt) {
+    auto files = json::parse(slurp(ckpt / "manifest.json"))["files"];
+    files.erase("config.json");
+    return files;
+  }
+  // Waits until `path` exists, up to `seconds`.
+  static bool wait_for_path(const fs::path& path, int seconds) {
+    for (int i = 0; i < seconds * 20; ++i) {
+      if (fs::exists(path)) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
+
+  fs::path dir_;
+};
+
+TEST_F(Train, LossFallsAndTheRunDirectoryIsComplete) {
+  ASSERT_EQ(run(args("a", 60), "a"), 0) << err("a");
+  std::vector<double> losses;
+  std::ifstream jsonl(dir_ / "a" / "metrics.jsonl");
+  for (std::string line; std::getline(jsonl, line);) losses.push_back(json::parse(line)["train/loss"].get<double>());
+  ASSERT_EQ(losses.size(), 12u);  // every 5 steps
+  EXPECT_LT(losses.back(), 0.5 * losses.front()) << "loss did not fall: " << losses.front() << " -> " << losses.back();
+  for (const char* f : {"config.json", "train.log", "metrics.jsonl", "samples/step_00000020.png", "samples/step_00000060.png",
+                        "samples/final/000000.png", "samples/final/000005.png", "samples/final/grid.png",
+                        "checkpoints/step_00000060/model.safetensors", "checkpoints/step_00000060/ema.safetensors"})
+    EXPECT_TRUE(fs::exists(dir_ / "a" / f)) << f;
+  EXPECT_FALSE(fs::exists(dir_ / "a" / "samples/final/000006.png"));
+  bool events = false;
+  for (const auto& e : fs::directory_iterator(dir_ / "a")) events |= e.path().filename().string().rfind("events.out.tfevents.", 0) == 0;
+  EXPECT_TRUE(events);
+  EXPECT_NE(err("a").find("step 60/60"), std::string::npos) << err("a");
+}
+
+TEST_F(Train, ResumeIsBitExact) {
+  ASSERT_EQ(run(args("straight", 40), "straight"), 0) << err("straight");
+  ASSERT_EQ(run(args("halves", 20), "first"), 0) << err("first");
+  ASSERT_EQ(run(args("halves", 40, {"--resume", "latest"}), "second"), 0) << err("second");
+  EXPECT_NE(err("second").find("resumed from"), std::string::npos) << err("second");
+  EXPECT_EQ(digests(ckpt("halves", 40)), digests(ckpt("straight", 40)));
+  EXPECT_EQ(digests(ckpt("halves", 30)), digests(ckpt("straight", 30)));
+}
+
+TEST_F(Train, ResumeAfterKillNineIsBitExact) {
+  ASSERT_EQ(run(args("straight", 40), "straight"), 0) << err("straight");
+  const pid_t pid = spawn(args("killed", 40, {"--set", "logging.sample_every=0"}), "killed");
+  ASSERT_TRUE(wait_for_path(ckpt("killed", 20) / "manifest.json", 120)) << err("killed");
+  kill(pid, SIGKILL);
+  EXPECT_EQ(wait_for(pid), 128 + SIGKILL);
+  ASSERT_EQ(run(args("killed", 40, {"--resume", "latest"}), "resumed"), 0) << err("resumed");
+  EXPECT_EQ(digests(ckpt("killed", 40)), digests(ckpt("straight", 40)));
+}
+
+TEST_F(Train, KillDuringASaveKeepsThePreviousCheckpoint) {
+  // DIFFTRAIN_FAULT=kill_in_save:20 sends SIGKILL to the trainer half-way through writing step 20.
+  EXPECT_EQ(run(args("k", 40), "k", {"DIFFTRAIN_FAULT=kill_in_save:20"}), 128 + SIGKILL) << err("k");
+  EXPECT_FALSE(fs::exists(ckpt("k", 20)));
+  bool leftover = false;
+  for (const auto& e : fs::directory_iterator(dir_ / "k" / "checkpoints")) leftover |= e.path().filename().string().rfind(".tmp-", 0) == 0;
+  EXPECT_TRUE(leftover) << "the interrupted save's temporary directory";
+  ASSERT_TRUE(fs::exists(ckpt("k", 10) / "manifest.json"));
+  ASSERT_EQ(run(args("k", 40, {"--resume", "latest"}), "resumed"), 0) << err("resumed");
+  EXPECT_NE(err("resumed").find("step_00000010 at step 10"), std::string::npos) << err("resumed");
+  ASSERT_EQ(run(args("straight", 40), "straight"), 0) << err("straight");
+  EXPECT_EQ(digests(ckpt("k", 40)), digests(ckpt("straight", 40)));
+}
+
+TEST_F(Train, CorruptLatestFallsBackToTheNewestGoodCheckpoint) {
+  ASSERT_EQ(run(args("c", 30), "c"), 0) << err("c");
+  {
+    std::fstream f(ckpt("c", 30) / "optimizer.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-4, std::ios::end);
+    f.write("\x01\x02\x03\x04", 4);
+  }
+  ASSERT_EQ(run(args("c", 40, {"--resume", "latest"}), "resumed"), 0) << err("resumed");
+  const std::string e = err("resumed");
+  EXPECT_NE(e.find("skipping checkpoint"), std::string::npos) << e;
+  EXPECT_NE(e.find("optimizer.safetensors fails its SHA-256 check"), std::string::npos) << e;
+  EXPECT_NE(e.find("step_00000020 at step 20"), std::string::npos) << e;
+}
+
+TEST_F(Train, ResumeWithAChangedModelIsRefused) {
+  ASSERT_EQ(run(args("m", 10), "m"), 0) << err("m");
+  // Same run directory: refused before anything is touched.
+  EXPECT_EQ(run(args("m", 20, {"--resume", "latest", "--set", "model.layers_per_block=2"}), "same"), 1);
+  EXPECT_NE(err("same").find("model.layers_per_block: 1 -> 2"), std::string::npos) << err("same");
+  // Another run directory resuming from this checkpoint by path: refused by the checkpoint's config.
+  EXPECT_EQ(run(args("other", 20, {"--resume", ckpt("m", 10).string(), "--set", "model.layers_per_block=2"}), "path"), 1);
+  EXPECT_NE(err("path").find("cannot resume from"), std::string::npos) << err("path");
+  EXPECT_NE(err("path").find("model.layers_per_block: 1 -> 2"), std::string::npos) << err("path");
+  // A longer run is an allowed change.
+  EXPECT_EQ(run(args("m", 15, {"--resume", "latest"}), "longer"), 0) << err("longer");
+}
+
+TEST_F(Train, StopSignalsCheckpointAndExit75) {
+  for (int sig : {SIGTERM, SIGUSR1, SIGINT}) {
+    const std::string name = "s" + std::to_string(sig);
+    const pid_t pid = spawn(args(name, 100000, {"--set", "checkpoint.every=100000", "--set", "logging.sample_every=0"}), name);
+    ASSERT_TRUE(wait_for_path(dir_ / name / "metrics.jsonl", 120)) << err(name);
+    kill(pid, sig);
+    EXPECT_EQ(wait_for(pid), 75) << err(name);
+    const auto ckpts = dir_ / name / "checkpoints";
+    ASSERT_TRUE(fs::exists(ckpts));
+    int good = 0;
+    for (const auto& e : fs::directory_iterator(ckpts)) good += fs::exists(e.path() / "manifest.json");
+    EXPECT_EQ(good, 1) << "one checkpoint, at the step the signal ended";
+    EXPECT_NE(err(name).find("stopped after the checkpoint"), std::string::npos) << err(name);
+  }
+}
+
+TEST_F(Train, SecondInterruptExitsAtOnce) {
+  // A long sample grid after every step keeps the run busy between the two interrupts.
+  const pid_t pid = spawn(args("i", 100000, {"--set", "logging.log_every=1", "--set", "logging.sample_every=1",
+                                             "--set", "sampling.sampler=ddpm", "--set", "sampling.num_inference_steps=1000",
+                                             "--set", "sampling.num_samples=64"}), "i");
+  ASSERT_TRUE(wait_for_path(dir_ / "i" / "metrics.jsonl", 120)) << err("i");
+  kill(pid, SIGINT);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // two signals at once would merge into one
+  kill(pid, SIGINT);
+  EXPECT_EQ(wait_for(pid), 130) << err("i");
+  EXPECT_NE(err("i").find("second interrupt"), std::string::npos) << err("i");
+}
+
+TEST_F(Train, DivergenceStopsWithAClearError) {
+  const int code = run(args("nan", 200, {"--set", "train.learning_rate=1e30", "--set", "train.lr_warmup_steps=0",
+                                         "--set", "train.max_grad_norm=0", "--set", "train.max_nonfinite_steps=3"}), "nan");
+  EXPECT_EQ(code, 2) << err("nan");
+  EXPECT_NE(err("nan").find("non-finite"), std::string::npos) << err("nan");
+  EXPECT_NE(err("nan").find("train.max_nonfinite_steps = 3"), std::string::npos) << err("nan");
+}
+
+}  // namespace
+}  // namespace difftrain
