@@ -29,6 +29,10 @@
 #include "difftrain/sampling.h"
 #include "difftrain/signals.h"
 
+#ifdef DIFFTRAIN_WITH_CUDA
+#include "cuda/cuda_memory.h"
+#endif
+
 namespace difftrain {
 
 namespace fs = std::filesystem;
@@ -186,8 +190,14 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
     MetricsOptions mo;
     mo.tensorboard = cfg_.logging.tensorboard, mo.jsonl = cfg_.logging.jsonl, mo.prometheus = cfg_.logging.prometheus;
     mo.run_name = cfg_.run.name;
-    metrics_ = std::make_unique<MetricsLogger>(opts_.run_dir, mo, resume_path ? std::optional<int64_t>(step_) : std::nullopt);
+    // Points up to the checkpoint step were logged before it was saved; later ones are orphans.
+    metrics_ = std::make_unique<MetricsLogger>(opts_.run_dir, mo, resume_path ? std::optional<int64_t>(step_ + 1) : std::nullopt);
     if (!resume_path) metrics_->text("config", 0, "```json\n" + config_to_string(cfg_) + "\n```");
+    for (auto& [name, p] : named_parameters(model_))
+      if (name == "conv_in.weight" || name == "time_embedding.linear_1.weight" || name == "mid_block.attentions.0.to_q.weight" ||
+          name == "conv_out.weight")
+        histogram_params_.emplace_back(name, p);
+    live_progress_ = cfg_.logging.progress && ::isatty(STDERR_FILENO);
   }
 }
 
@@ -277,6 +287,10 @@ void Trainer::train_step() {
   const auto nonfinite = scaler_ ? found_inf : at::isfinite(grad_norm).logical_not().to(at::kFloat);
   optimizer_->step(base_lr_ * lr_lambda(tc.lr_schedule, step_, tc.lr_warmup_steps, tc.max_steps), nonfinite);
   if (scaler_) scaler_->update(found_inf);
+  if (capture_grads_) {
+    histogram_grads_.clear();
+    for (const auto& [name, p] : histogram_params_) histogram_grads_.emplace_back(name, p.grad().detach().clone());
+  }
   optimizer_->zero_grad();
   if (ema_) ema_->step(params_);
   {
@@ -327,6 +341,7 @@ fs::path Trainer::save_checkpoint_now() {
   const auto path = save_checkpoint(dir, ckpt);
   for (const auto& gone : rotate_checkpoints(dir, cfg_.checkpoint.keep_last, cfg_.checkpoint.keep_every))
     log_debug("rotated out {}", gone.string());
+  progress_clear();
   log_info("checkpoint {}", path.string());
   return path;
 }
@@ -352,14 +367,28 @@ void Trainer::log_interval(bool final) {
   if (ema_) scalars.emplace_back("train/ema_decay", ema_->cur_decay_value());
   if (scaler_) scalars.emplace_back("train/loss_scale", scaler_->scale_tensor().item<double>());
   scalars.emplace_back("train/skipped_steps", static_cast<double>(skipped));
+  std::string memory;
+#ifdef DIFFTRAIN_WITH_CUDA
+  if (opts_.device.is_cuda()) {
+    const auto m = cuda::memory_stats(opts_.device.index());
+    constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+    scalars.emplace_back("system/gpu_mem_allocated_gb", static_cast<double>(m.allocated_bytes) / kGiB);
+    scalars.emplace_back("system/gpu_mem_reserved_gb", static_cast<double>(m.reserved_bytes) / kGiB);
+    scalars.emplace_back("system/gpu_mem_peak_gb", static_cast<double>(m.peak_allocated_bytes) / kGiB);
+    memory = fmt::format(" | GPU {:.2f}/{:.2f} GiB", static_cast<double>(m.allocated_bytes) / kGiB,
+                         static_cast<double>(m.reserved_bytes) / kGiB);
+  }
+#endif
   const auto qs = quartile_sum_.cpu(), qc = quartile_count_.cpu();
   for (int q = 0; q < 4; ++q)
     if (qc[q].item<double>() > 0) scalars.emplace_back(fmt::format("train/loss_q{}", q), qs[q].item<double>() / qc[q].item<double>());
   if (metrics_) metrics_->scalars(step_, scalars);
 
-  log_info("step {}/{} | loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.1f} img/s | {} | ETA {}{}", step_, tc.max_steps, loss, lr,
-           grad_norm, img_per_s, duration_text(elapsed), final ? "done" : duration_text(eta),
+  progress_clear();
+  log_info("step {}/{} | loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.1f} img/s | {} | ETA {}{}{}", step_, tc.max_steps, loss, lr,
+           grad_norm, img_per_s, duration_text(elapsed), final ? "done" : duration_text(eta), memory,
            skipped > 0 ? fmt::format(" | skipped {} non-finite", skipped) : "");
+  last_log_summary_ = fmt::format("loss {:.4f} | {:.0f} img/s{}", loss, img_per_s, memory);
 
   loss_sum_.zero_(), grad_norm_sum_.zero_(), quartile_sum_.zero_(), quartile_count_.zero_();
   interval_steps_ = 0;
@@ -375,6 +404,7 @@ void Trainer::write_sample_grid() {
   const fs::path path = opts_.run_dir / "samples" / (checkpoint_dir_name(step_) + ".png");
   write_png(path, grid);
   if (metrics_) metrics_->image("samples", step_, grid.const_data_ptr<uint8_t>(), grid.size(0), grid.size(1), grid.size(2));
+  progress_clear();
   log_info("samples {}", path.string());
 }
 
@@ -388,6 +418,38 @@ void Trainer::write_final_samples() {
   save_sample_folder(dir, to_uint8(generate(model, schedule_.config(), opts, opts_.device)).cpu());
   log_info("{} samples ({} {} steps) in {} in {}", opts.num_samples, to_string(opts.sampler), opts.num_inference_steps,
            duration_text(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()), dir.string());
+}
+
+void Trainer::write_histograms() {
+  if (!metrics_) return;
+  auto add = [&](const std::string& tag, const at::Tensor& t) {
+    const auto values = t.detach().to(at::kCPU, at::kFloat).contiguous();
+    metrics_->histogram(tag, step_, {values.const_data_ptr<float>(), static_cast<size_t>(values.numel())});
+  };
+  for (const auto& [name, p] : histogram_params_) add("weights/" + name, p);
+  for (const auto& [name, g] : histogram_grads_) add("grads/" + name, g);
+  histogram_grads_.clear();
+}
+
+void Trainer::progress_tick() {
+  if (!live_progress_) return;
+  const auto now = std::chrono::steady_clock::now();
+  if (now - last_progress_ < std::chrono::milliseconds(200) && step_ != cfg_.train.max_steps) return;
+  last_progress_ = now;
+  const double elapsed = std::chrono::duration<double>(now - train_start_).count();
+  const double done = static_cast<double>(step_ - start_step_);
+  const double eta = elapsed / std::max(done, 1.0) * static_cast<double>(cfg_.train.max_steps - step_);
+  constexpr int kWidth = 24;
+  const int filled = static_cast<int>(kWidth * static_cast<double>(step_) / static_cast<double>(cfg_.train.max_steps));
+  std::fprintf(stderr, "\r\033[K[%s%s] %lld/%lld | %.2f it/s | ETA %s | %s", std::string(static_cast<size_t>(filled), '#').c_str(),
+               std::string(static_cast<size_t>(kWidth - filled), ' ').c_str(), static_cast<long long>(step_),
+               static_cast<long long>(cfg_.train.max_steps), done / std::max(elapsed, 1e-9), duration_text(eta).c_str(),
+               last_log_summary_.c_str());
+  std::fflush(stderr);
+}
+
+void Trainer::progress_clear() {
+  if (live_progress_) std::fputs("\r\033[K", stderr);
 }
 
 int Trainer::train() {
@@ -404,8 +466,12 @@ int Trainer::train() {
            autocast_ ? fmt::format("{} autocast", c10::toString(*autocast_)) : std::string("fp32"));
   start_step_ = step_;
   train_start_ = interval_start_ = std::chrono::steady_clock::now();
+  const int64_t hist_every = cfg_.logging.histogram_every;
   while (step_ < tc.max_steps) {
+    capture_grads_ = rank0 && hist_every > 0 && (step_ + 1) % hist_every == 0;
     train_step();
+    if (capture_grads_) write_histograms();
+    progress_tick();
     const bool last = step_ == tc.max_steps;
     const int sig = stop_signal();
     if (step_ % cfg_.logging.log_every == 0 || last || sig) log_interval(last);
@@ -415,6 +481,7 @@ int Trainer::train() {
       else check_nonfinite();
     }
     if (sig) {
+      progress_clear();
       log_warn("{} received: stopped after the checkpoint at step {}; resume with --resume latest", signal_name(sig), step_);
       if (metrics_) metrics_->flush();
       return kExitStoppedAfterCheckpoint;

@@ -64,6 +64,9 @@ class Trainer {
   void write_sample_grid();
   void write_final_samples();
   void check_nonfinite() const;
+  void write_histograms();
+  void progress_tick();   // the live line on a terminal
+  void progress_clear();
 
   Config cfg_;
   TrainerOptions opts_;
@@ -88,6 +91,13 @@ class Trainer {
   std::chrono::steady_clock::time_point interval_start_;
   std::chrono::steady_clock::time_point train_start_;
   int64_t start_step_ = 0;
+
+  // Histograms: the layers shown, and their gradients kept from the step that logs them.
+  std::vector<std::pair<std::string, at::Tensor>> histogram_params_, histogram_grads_;
+  bool capture_grads_ = false;
+  bool live_progress_ = false;
+  std::chrono::steady_clock::time_point last_progress_;
+  std::string last_log_summary_;  // loss and img/s of the last interval, for the live line
 };
 
 }  // namespace difftrain

@@ -132,6 +132,27 @@ TEST_F(Train, LossFallsAndTheRunDirectoryIsComplete) {
   EXPECT_NE(err("a").find("step 60/60"), std::string::npos) << err("a");
 }
 
+// TensorBoard reads the run: every metrics.jsonl value, the sample images, histograms and the
+// config text, with the steps an interrupted first leg logged past its checkpoint purged.
+TEST_F(Train, TensorBoardReadsTheRunAcrossAResume) {
+  const std::string python = DIFFTRAIN_PYTHON;
+  if (python.empty()) GTEST_SKIP() << "no venv python with tensorboard";
+  const std::vector<std::string> common = {"--set", "logging.sample_every=10", "--set", "logging.histogram_every=10",
+                                           "--set", "checkpoint.every=20"};
+  auto first = common, second = common;
+  ASSERT_EQ(run(args("tb", 30, first), "first"), 0) << err("first");
+  second.insert(second.end(), {"--resume", ckpt("tb", 20).string()});
+  ASSERT_EQ(run(args("tb", 40, second), "second"), 0) << err("second");
+  const std::string cmd = python + " " + DIFFTRAIN_SOURCE_DIR + "/tests/tensorboard/check_training_run.py " +
+                          (dir_ / "tb").string() + " 10 > " + (dir_ / "check.out").string() + " 2>&1";
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << slurp(dir_ / "check.out");
+  EXPECT_NE(slurp(dir_ / "check.out").find(" 4 images, 8 histogram tags, 1 texts"), std::string::npos) << slurp(dir_ / "check.out");
+  std::ifstream jsonl(dir_ / "tb" / "metrics.jsonl");
+  std::vector<int64_t> steps;
+  for (std::string line; std::getline(jsonl, line);) steps.push_back(json::parse(line)["step"].get<int64_t>());
+  EXPECT_EQ(steps, (std::vector<int64_t>{5, 10, 15, 20, 25, 30, 35, 40}));
+}
+
 TEST_F(Train, ResumeIsBitExact) {
   ASSERT_EQ(run(args("straight", 40), "straight"), 0) << err("straight");
   ASSERT_EQ(run(args("halves", 20), "first"), 0) << err("first");

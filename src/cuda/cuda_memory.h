@@ -1,0 +1,18 @@
+// GPU memory as LibTorch's caching allocator sees it (torch.cuda.memory_allocated / _reserved /
+// max_memory_allocated). Built only against a CUDA LibTorch.
+#pragma once
+
+#include <cstdint>
+
+namespace difftrain::cuda {
+
+struct MemoryStats {
+  int64_t allocated_bytes = 0;       // held by live tensors
+  int64_t reserved_bytes = 0;        // held by the allocator's cache
+  int64_t peak_allocated_bytes = 0;  // since start or the last reset
+};
+
+MemoryStats memory_stats(int device_index);
+void reset_peak_memory(int device_index);
+
+}  // namespace difftrain::cuda
