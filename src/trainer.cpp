@@ -125,6 +125,11 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
   if (!opts_.device.is_cpu()) default_generator(c10::Device(c10::kCPU)).set_current_seed(rank_seed);
   generator_.set_current_seed(derive_seed(rank_seed, 1));
 
+  if (!opts_.init_weights.empty()) {
+    load_named(model_, opts_.init_weights, opts_.init_source);
+    log_info("initial weights from {}", opts_.init_source);
+  }
+
   if (cfg_.ema.enabled) {
     ema_model_ = UNet2DModel(cfg_.model);
     ema_model_->to(opts_.device);
@@ -415,6 +420,8 @@ void Trainer::write_final_samples() {
   const fs::path dir = opts_.run_dir / "samples" / "final";
   const auto start = std::chrono::steady_clock::now();
   auto& model = cfg_.sampling.use_ema ? sampling_model() : model_;
+  log_info("generating {} samples ({} {} steps, batches of {}) for {}", opts.num_samples, to_string(opts.sampler),
+           opts.num_inference_steps, opts.batch_size, dir.string());
   save_sample_folder(dir, to_uint8(generate(model, schedule_.config(), opts, opts_.device)).cpu());
   log_info("{} samples ({} {} steps) in {} in {}", opts.num_samples, to_string(opts.sampler), opts.num_inference_steps,
            duration_text(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()), dir.string());

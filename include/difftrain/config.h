@@ -95,7 +95,7 @@ struct RunConfig {
 
 // diffusers UNet2DModel arguments, same names and meanings.
 struct ModelConfig {
-  int sample_size = 32;
+  int sample_size = 28;
   int in_channels = 1;
   int out_channels = 1;
   std::vector<int> block_out_channels = {32, 64, 128};
@@ -175,7 +175,7 @@ struct DataConfig {
   DatasetKind dataset = DatasetKind::idx;
   std::string path = "/usr/share/datasets/fashion-mnist";
   Split split = Split::train;
-  int resolution = 32;
+  int resolution = 28;
   int channels = 1;
   ResizeMode resize = ResizeMode::bilinear;
   CropMode crop = CropMode::center;
@@ -212,10 +212,10 @@ struct DataConfig {
 struct TrainConfig {
   int batch_size = 64;
   int gradient_accumulation_steps = 1;
-  int64_t max_steps = 3000;
-  double learning_rate = 2e-4;
-  LrSchedule lr_schedule = LrSchedule::constant;
-  int64_t lr_warmup_steps = 200;
+  int64_t max_steps = 1000;
+  double learning_rate = 1e-3;
+  LrSchedule lr_schedule = LrSchedule::cosine;
+  int64_t lr_warmup_steps = 100;
   LrScaling scale_lr = LrScaling::none;
   double adam_beta1 = 0.9;
   double adam_beta2 = 0.999;
@@ -254,7 +254,7 @@ struct TrainConfig {
 // diffusers EMAModel arguments, same names and meanings.
 struct EmaConfig {
   bool enabled = true;
-  double decay = 0.9999;
+  double decay = 0.999;
   double min_decay = 0.0;
   int64_t update_after_step = 0;
   bool use_ema_warmup = true;
@@ -279,7 +279,7 @@ struct EmaConfig {
 struct LoggingConfig {
   LogLevel level = LogLevel::info;
   int64_t log_every = 50;
-  int64_t sample_every = 500;
+  int64_t sample_every = 250;
   int64_t histogram_every = 0;
   bool tensorboard = true;
   bool jsonl = true;
@@ -300,7 +300,7 @@ struct LoggingConfig {
 };
 
 struct CheckpointConfig {
-  int64_t every = 500;
+  int64_t every = 250;
   int keep_last = 3;
   int64_t keep_every = 0;
   std::string resume = "";
@@ -330,10 +330,10 @@ struct DistributedConfig {
 
 struct SamplingConfig {
   Sampler sampler = Sampler::ddim;
-  int num_inference_steps = 50;
+  int num_inference_steps = 25;
   double eta = 0.0;
   int num_samples = 64;
-  int batch_size = 64;
+  int batch_size = 125;
   double guidance_scale = 1.0;
   bool use_ema = true;
   int64_t seed = 0;

@@ -7,6 +7,8 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <map>
+#include <string>
 #include <memory>
 #include <optional>
 
@@ -37,6 +39,10 @@ struct TrainerOptions {
   std::filesystem::path run_dir;
   c10::Device device{c10::kCPU};
   int64_t rank = 0, world_size = 1;
+  // Initial weights by diffusers name (`train --init-from`), for the model and its EMA copy; a
+  // resume from a checkpoint takes precedence.
+  std::map<std::string, at::Tensor> init_weights;
+  std::string init_source;  // where they came from, for messages
 };
 
 class Trainer {
