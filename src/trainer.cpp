@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include <ATen/Context.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/maximum.h>
@@ -22,6 +23,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include "difftrain/checkpoint.h"
+#include "difftrain/distributed.h"
 #include "difftrain/errors.h"
 #include "difftrain/log.h"
 #include "difftrain/metrics.h"
@@ -41,6 +43,10 @@ at::Tensor diffusion_loss(const at::Tensor& model_output, const at::Tensor& targ
   const auto mse = (model_output.to(at::kFloat) - target.to(at::kFloat)).pow(2).mean({1, 2, 3});  // (B)
   return mse * weights;
 }
+
+namespace {
+constexpr uint64_t kGlobalBatchStream = uint64_t{1} << 32;  // beyond any rank number
+}  // namespace
 
 uint64_t derive_seed(uint64_t seed, uint64_t stream) {
   uint64_t z = seed + 0x9E3779B97F4A7C15ull * (stream + 1);  // splitmix64 (Steele et al. 2014)
@@ -111,6 +117,7 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
       schedule_(SchedulerConfig::from(cfg.diffusion)),
       generator_(at::globalContext().defaultGenerator(opts_.device).clone()) {
   const auto& tc = cfg_.train;
+  if (opts_.process_group) rank_ = opts_.process_group->world().rank, world_size_ = opts_.process_group->world().world_size;
   autocast_ = autocast_dtype(tc.mixed_precision, opts_.device);
 
   // The same initial weights on every rank: the model is built from the global seed.
@@ -120,10 +127,12 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
   model_->train();
   for (auto& [name, p] : named_parameters(model_)) params_.push_back(p);
   // Per-rank streams: dropout (the device's default generator) and t, ε, class dropout (ours).
-  const uint64_t rank_seed = derive_seed(static_cast<uint64_t>(cfg_.run.seed), static_cast<uint64_t>(opts_.rank));
+  const uint64_t rank_seed = derive_seed(static_cast<uint64_t>(cfg_.run.seed), static_cast<uint64_t>(rank_));
   default_generator(opts_.device).set_current_seed(rank_seed);
   if (!opts_.device.is_cpu()) default_generator(c10::Device(c10::kCPU)).set_current_seed(rank_seed);
-  generator_.set_current_seed(derive_seed(rank_seed, 1));
+  // t, ε and class dropout are drawn for the whole global batch from one stream shared by every
+  // rank, each rank taking its own rows: the result does not depend on how the batch is split.
+  generator_.set_current_seed(derive_seed(static_cast<uint64_t>(cfg_.run.seed), kGlobalBatchStream));
 
   if (!opts_.init_weights.empty()) {
     load_named(model_, opts_.init_weights, opts_.init_source);
@@ -144,7 +153,7 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
   }
 
   // scale_lr: the effective batch over the per-rank micro-batch (diffusers' --scale_lr is linear).
-  const double batch_ratio = static_cast<double>(tc.gradient_accumulation_steps * opts_.world_size);
+  const double batch_ratio = static_cast<double>(tc.gradient_accumulation_steps * world_size_);
   base_lr_ = tc.learning_rate * (tc.scale_lr == LrScaling::linear ? batch_ratio
                                  : tc.scale_lr == LrScaling::sqrt ? std::sqrt(batch_ratio)
                                                                   : 1.0);
@@ -161,13 +170,13 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
 
   // Resume, then the loader from the resumed position.
   const fs::path ckpt_dir = opts_.run_dir / "checkpoints";
-  if (opts_.rank == 0) {
+  if (rank_ == 0) {
     if (const int n = remove_interrupted_saves(ckpt_dir); n > 0)
       log_warn("removed {} incomplete checkpoint save(s) in {} (a run stopped while saving)", n, ckpt_dir.string());
   }
   std::optional<fs::path> resume_path;
   const auto& resume = cfg_.checkpoint.resume;
-  if (resume == "latest") {
+  if (resume == "latest" && rank_ == 0) {
     std::vector<std::string> skipped;
     resume_path = find_latest_checkpoint(ckpt_dir, &skipped);
     for (const auto& s : skipped) log_warn("skipping checkpoint {}", s);
@@ -175,15 +184,20 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
       throw CheckpointError(fmt::format("--resume latest: none of the {} checkpoints in {} is usable (see above)", skipped.size(),
                                         ckpt_dir.string()));
     if (!resume_path) log_info("--resume latest: no checkpoint in {} yet; starting from step 0", ckpt_dir.string());
-  } else if (!resume.empty()) {
+  } else if (!resume.empty() && resume != "latest") {
     resume_path = fs::path(resume);
   }
+  if (opts_.process_group && resume == "latest") {  // rank 0 chose; every rank loads the same one
+    const auto chosen = opts_.process_group->share_from_rank0("resume_path", resume_path ? resume_path->string() : "");
+    resume_path = chosen.empty() ? std::nullopt : std::optional<fs::path>(chosen);
+  }
   if (resume_path) resume_from(*resume_path);
+  if (opts_.process_group) broadcast_weights();
 
   LoaderOptions lo;
   lo.batch_size = tc.batch_size;
   lo.seed = static_cast<uint64_t>(cfg_.run.seed);  // the same permutation on every rank, sharded by rank
-  lo.rank = opts_.rank, lo.world_size = opts_.world_size;
+  lo.rank = rank_, lo.world_size = world_size_;
   lo.num_workers = cfg_.data.num_workers;
   lo.prefetch = cfg_.data.prefetch;
   lo.preload = cfg_.data.preload;
@@ -191,7 +205,7 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
   lo.augment = AugmentOptions::from(cfg_.data);
   loader_ = std::make_unique<Loader>(dataset_, lo, resume_loader_state_);
 
-  if (opts_.rank == 0) {
+  if (rank_ == 0) {
     MetricsOptions mo;
     mo.tensorboard = cfg_.logging.tensorboard, mo.jsonl = cfg_.logging.jsonl, mo.prometheus = cfg_.logging.prometheus;
     mo.run_name = cfg_.run.name;
@@ -207,6 +221,17 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
 }
 
 Trainer::~Trainer() = default;
+
+void Trainer::broadcast_weights() {
+  std::vector<at::Tensor> tensors;
+  {
+    c10::NoGradGuard no_grad;
+    for (auto& p : params_) tensors.push_back(p.detach());
+    if (ema_)
+      for (const auto& s : ema_->shadow()) tensors.push_back(s);
+  }
+  opts_.process_group->broadcast(tensors, 0);
+}
 
 void Trainer::resume_from(const fs::path& path) {
   const Checkpoint ckpt = load_checkpoint(path);
@@ -259,11 +284,17 @@ void Trainer::train_step() {
     const Batch batch = loader_->next();
     const auto& x0 = batch.images;  // (B, C, H, W) in [-1, 1]
     const int64_t B = x0.size(0);
-    const auto noise = at::randn(x0.sizes(), generator_, x0.options());                       // ε ~ N(0, I)
-    const auto t = at::randint(T, {B}, generator_, at::TensorOptions().dtype(at::kLong).device(dev));  // t ~ U{0..T-1}
+    // Drawn for the global batch (world x B), this rank's rows taken: rank r's sample j is row
+    // j * world + r, as DistributedSampler interleaves the ranks' shares of the global batch.
+    const int64_t W = world_size_;
+    auto shape = x0.sizes().vec();
+    shape[0] = B * W;
+    auto mine = [&](const at::Tensor& global) { return W == 1 ? global : global.slice(0, rank_, B * W, W); };
+    const auto noise = mine(at::randn(shape, generator_, x0.options()));                                        // ε ~ N(0, I)
+    const auto t = mine(at::randint(T, {B * W}, generator_, at::TensorOptions().dtype(at::kLong).device(dev)));  // t ~ U{0..T-1}
     at::Tensor labels;
     if (cfg_.model.num_class_embeds) {  // classifier-free guidance training: the null class with p = class_dropout_prob
-      const auto drop = at::rand({B}, generator_, x0.options()) < tc.class_dropout_prob;
+      const auto drop = mine(at::rand({B * W}, generator_, x0.options())) < tc.class_dropout_prob;
       labels = at::where(drop, model_->null_class(), batch.labels);
     }
     const auto x_t = schedule_.add_noise(x0, noise, t);  // Ho et al. eq. 4
@@ -286,6 +317,9 @@ void Trainer::train_step() {
   }
   std::vector<at::Tensor> grads;
   for (auto& p : params_) grads.push_back(p.grad());
+  // The mean gradient over ranks, once per optimizer step (never per micro-batch).
+  if (opts_.process_group)
+    opts_.process_group->allreduce_mean(grads, int64_t{cfg_.distributed.bucket_size_mb} << 20);
   const auto found_inf = scaler_ ? scaler_->unscale_(grads) : at::Tensor();
   const auto grad_norm = clip_grad_norm_(grads, tc.max_grad_norm, optimizer_->impl() != OptimizerImpl::loop);
   // A non-finite gradient skips the step (fp16 overflow, or a real NaN elsewhere).
@@ -356,11 +390,18 @@ void Trainer::log_interval(bool final) {
   check_nonfinite();
   const auto now = std::chrono::steady_clock::now();
   const double secs = std::chrono::duration<double>(now - interval_start_).count();
+  if (opts_.process_group) {  // the loss over every rank's samples
+    auto packed = at::cat({loss_sum_.reshape({1}), quartile_sum_, quartile_count_}).cpu();  // (9)
+    std::vector<at::Tensor> one = {packed};
+    opts_.process_group->allreduce_sum(one);
+    loss_sum_.copy_(packed[0] / static_cast<double>(world_size_));
+    quartile_sum_.copy_(packed.slice(0, 1, 5)), quartile_count_.copy_(packed.slice(0, 5, 9));
+  }
   const double loss = loss_sum_.item<double>() / static_cast<double>(interval_steps_);
   const double grad_norm = grad_norm_sum_.item<double>() / static_cast<double>(interval_steps_);
   const auto& tc = cfg_.train;
   const double lr = base_lr_ * lr_lambda(tc.lr_schedule, step_ - 1, tc.lr_warmup_steps, tc.max_steps);
-  const double images = static_cast<double>(interval_steps_ * tc.batch_size * tc.gradient_accumulation_steps * opts_.world_size);
+  const double images = static_cast<double>(interval_steps_ * tc.batch_size * tc.gradient_accumulation_steps * world_size_);
   const double img_per_s = images / std::max(secs, 1e-9);
   const double elapsed = std::chrono::duration<double>(now - train_start_).count();
   const double eta = elapsed / static_cast<double>(step_ - start_step_) * static_cast<double>(tc.max_steps - step_);
@@ -461,14 +502,14 @@ void Trainer::progress_clear() {
 
 int Trainer::train() {
   const auto& tc = cfg_.train;
-  const bool rank0 = opts_.rank == 0;
+  const bool rank0 = rank_ == 0;
   if (step_ >= tc.max_steps) {
     log_info("already trained to step {} (train.max_steps = {}); nothing to do", step_, tc.max_steps);
     return kExitOk;
   }
   log_info("training {} -> {} steps: batch {} x {} accumulation x {} rank(s) = {} images per step, lr {:.2e} ({} schedule, "
-           "{} warmup), AdamW {}, {}", step_, tc.max_steps, tc.batch_size, tc.gradient_accumulation_steps, opts_.world_size,
-           int64_t{tc.batch_size} * tc.gradient_accumulation_steps * opts_.world_size, base_lr_, to_string(tc.lr_schedule),
+           "{} warmup), AdamW {}, {}", step_, tc.max_steps, tc.batch_size, tc.gradient_accumulation_steps, world_size_,
+           int64_t{tc.batch_size} * tc.gradient_accumulation_steps * world_size_, base_lr_, to_string(tc.lr_schedule),
            tc.lr_warmup_steps, to_string(optimizer_->impl()),
            autocast_ ? fmt::format("{} autocast", c10::toString(*autocast_)) : std::string("fp32"));
   start_step_ = step_;
@@ -481,15 +522,22 @@ int Trainer::train() {
     progress_tick();
     const bool last = step_ == tc.max_steps;
     const int sig = stop_signal();
-    if (step_ % cfg_.logging.log_every == 0 || last || sig) log_interval(last);
+    bool stop = sig != 0;
+    if (opts_.process_group) {  // every rank stops at the same step, whichever got the signal
+      const auto at = opts_.process_group->stop_step(sig != 0, step_);
+      stop = at && step_ >= *at;
+    }
+    if (step_ % cfg_.logging.log_every == 0 || last || stop) log_interval(last);
     if (rank0 && cfg_.logging.sample_every > 0 && step_ % cfg_.logging.sample_every == 0) write_sample_grid();
-    if (step_ % cfg_.checkpoint.every == 0 || last || sig) {
+    if (step_ % cfg_.checkpoint.every == 0 || last || stop) {
       if (rank0) save_checkpoint_now();
       else check_nonfinite();
+      if (opts_.process_group) opts_.process_group->barrier();  // no rank runs ahead of a checkpoint
     }
-    if (sig) {
+    if (stop) {
       progress_clear();
-      log_warn("{} received: stopped after the checkpoint at step {}; resume with --resume latest", signal_name(sig), step_);
+      log_warn("{} received: stopped after the checkpoint at step {}; resume with --resume latest",
+               sig ? signal_name(sig) : "a stop request on another rank", step_);
       if (metrics_) metrics_->flush();
       return kExitStoppedAfterCheckpoint;
     }

@@ -27,6 +27,7 @@
 namespace difftrain {
 
 class MetricsLogger;
+class ProcessGroup;
 
 // Per-sample diffusion loss (B): w(t) · mean over (C, H, W) of (model_output - target)², in
 // float32, target and w as NoiseSchedule::training_target and loss_weights give them.
@@ -38,7 +39,7 @@ uint64_t derive_seed(uint64_t seed, uint64_t stream);
 struct TrainerOptions {
   std::filesystem::path run_dir;
   c10::Device device{c10::kCPU};
-  int64_t rank = 0, world_size = 1;
+  ProcessGroup* process_group = nullptr;  // data parallel over its world; null = one process
   // Initial weights by diffusers name (`train --init-from`), for the model and its EMA copy; a
   // resume from a checkpoint takes precedence.
   std::map<std::string, at::Tensor> init_weights;
@@ -66,6 +67,7 @@ class Trainer {
 
  private:
   void resume_from(const std::filesystem::path& path);
+  void broadcast_weights();  // rank 0's model and EMA to every rank
   void log_interval(bool final);
   void write_sample_grid();
   void write_final_samples();
@@ -88,6 +90,7 @@ class Trainer {
   at::Generator generator_;             // t, ε and class dropout, on the device
   std::unique_ptr<MetricsLogger> metrics_;
   int64_t step_ = 0;
+  int64_t rank_ = 0, world_size_ = 1;
   LoaderState resume_loader_state_;  // where the loader starts (a checkpoint's position)
   double base_lr_ = 0;
 

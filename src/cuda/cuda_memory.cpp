@@ -1,6 +1,7 @@
 #include "cuda/cuda_memory.h"
 
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 
 namespace difftrain::cuda {
 
@@ -14,5 +15,7 @@ MemoryStats memory_stats(int device_index) {
 void reset_peak_memory(int device_index) {
   c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device_index));
 }
+
+void set_device(int device_index) { c10::cuda::set_device(static_cast<c10::DeviceIndex>(device_index)); }
 
 }  // namespace difftrain::cuda

@@ -14,5 +14,7 @@ struct MemoryStats {
 
 MemoryStats memory_stats(int device_index);
 void reset_peak_memory(int device_index);
+// Makes `device_index` the current CUDA device of this thread (before any CUDA work: NCCL binds to it).
+void set_device(int device_index);
 
 }  // namespace difftrain::cuda

@@ -1,0 +1,17 @@
+// ProcessGroupNCCL, kept apart so that only this file needs nccl.h and the CUDA headers.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+namespace difftrain::cuda {
+
+// NCCL on the current CUDA device (set it before calling). Collectives past `timeout` are
+// aborted by NCCL's watchdog, which ends the process with an error.
+c10::intrusive_ptr<c10d::Backend> make_nccl_backend(const c10::intrusive_ptr<c10d::Store>& store, int64_t rank, int64_t size,
+                                                    std::chrono::milliseconds timeout);
+
+}  // namespace difftrain::cuda
