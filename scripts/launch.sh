@@ -72,7 +72,7 @@ while [ "$left" -gt 0 ]; do
   pid=""
   wait -n -p pid
   code=$?
-  [ -z "$pid" ] && continue  # a trapped signal interrupted wait
+  [ -z "${pid:-}" ] && continue  # a trapped signal interrupted wait
   left=$((left - 1))
   if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then
     status=$code

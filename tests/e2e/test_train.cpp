@@ -2,117 +2,13 @@
 // complete, resume is bit-exact (also after kill -9, and after a kill during a save), a corrupt
 // latest checkpoint falls back, a changed model is refused, stop signals checkpoint and exit 75,
 // and a diverging run stops with an error.
-#include <fcntl.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <chrono>
-#include <cstdio>
-#include <filesystem>
-#include <fstream>
-#include <sstream>
-#include <thread>
-
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
-
-extern char** environ;
+#include "e2e/train_run.h"
 
 namespace difftrain {
 namespace {
 
-namespace fs = std::filesystem;
-using json = nlohmann::json;
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-class Train : public ::testing::Test {
- protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("difftrain_train_" + std::to_string(::getpid()) + "_" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override {
-    if (!HasFailure()) fs::remove_all(dir_);
-  }
-
-  // A small real job: 256 Fashion-MNIST images at 16x16, a two-level UNet with attention, batch 8.
-  std::vector<std::string> args(const std::string& name, int64_t max_steps, std::vector<std::string> extra = {}) const {
-    std::vector<std::string> a = {
-        DIFFTRAIN_BIN, "train", "--config", std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/quickstart.json",
-        "--set", "run.output_dir=" + dir_.string(), "--set", "run.name=" + name, "--set", "run.num_threads=1",
-        "--set", "data.subset=256", "--set", "data.resolution=16", "--set", "model.sample_size=16",
-        "--set", "model.block_out_channels=[16, 32]", "--set", "model.down_block_types=[\"DownBlock2D\", \"AttnDownBlock2D\"]",
-        "--set", "model.up_block_types=[\"AttnUpBlock2D\", \"UpBlock2D\"]", "--set", "data.num_workers=1",
-        "--set", "train.batch_size=8", "--set", "train.max_steps=" + std::to_string(max_steps),
-        "--set", "train.lr_warmup_steps=5", "--set", "train.learning_rate=0.001", "--set", "train.lr_schedule=constant",
-        "--set", "logging.log_every=5", "--set", "logging.sample_every=20", "--set", "checkpoint.every=10",
-        "--set", "checkpoint.keep_last=10", "--set", "sampling.num_samples=4", "--set", "sampling.num_inference_steps=4",
-        "--set", "sampling.num_final_samples=6"};
-    for (auto& e : extra) a.push_back(std::move(e));
-    return a;
-  }
-
-  pid_t spawn(const std::vector<std::string>& argv, const std::string& log, const std::vector<std::string>& env = {}) const {
-    std::vector<char*> cargv;
-    for (const auto& s : argv) cargv.push_back(const_cast<char*>(s.c_str()));
-    cargv.push_back(nullptr);
-    std::vector<std::string> envs;
-    for (char** e = environ; *e; ++e) envs.emplace_back(*e);
-    for (const auto& e : env) envs.push_back(e);
-    std::vector<char*> cenv;
-    for (auto& s : envs) cenv.push_back(s.data());
-    cenv.push_back(nullptr);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 1, (dir_ / (log + ".out")).c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&fa, 2, (dir_ / (log + ".err")).c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    pid_t pid = -1;
-    EXPECT_EQ(posix_spawn(&pid, cargv[0], &fa, nullptr, cargv.data(), cenv.data()), 0);
-    posix_spawn_file_actions_destroy(&fa);
-    return pid;
-  }
-  // Exit code, or 128 + signal.
-  static int wait_for(pid_t pid) {
-    int status = 0;
-    waitpid(pid, &status, 0);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-  int run(const std::vector<std::string>& argv, const std::string& log, const std::vector<std::string>& env = {}) const {
-    return wait_for(spawn(argv, log, env));
-  }
-  std::string err(const std::string& log) const { return slurp(dir_ / (log + ".err")); }
-  fs::path ckpt(const std::string& name, int64_t step) const {
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));
-    return dir_ / name / "checkpoints" / buf;
-  }
-  // SHA-256 of every file of a checkpoint except config.json (its output_dir differs by run).
-  static json digests(const fs::path& ckpt) {
-    auto files = json::parse(slurp(ckpt / "manifest.json"))["files"];
-    files.erase("config.json");
-    return files;
-  }
-  // Waits until `path` exists, up to `seconds`.
-  static bool wait_for_path(const fs::path& path, int seconds) {
-    for (int i = 0; i < seconds * 20; ++i) {
-      if (fs::exists(path)) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    return false;
-  }
-
-  fs::path dir_;
-};
+using namespace test;
+using Train = TrainRun;
 
 TEST_F(Train, LossFallsAndTheRunDirectoryIsComplete) {
   ASSERT_EQ(run(args("a", 60), "a"), 0) << err("a");
@@ -217,7 +113,7 @@ TEST_F(Train, StopSignalsCheckpointAndExit75) {
   for (int sig : {SIGTERM, SIGUSR1, SIGINT}) {
     const std::string name = "s" + std::to_string(sig);
     const pid_t pid = spawn(args(name, 100000, {"--set", "checkpoint.every=100000", "--set", "logging.sample_every=0"}), name);
-    ASSERT_TRUE(wait_for_path(dir_ / name / "metrics.jsonl", 120)) << err(name);
+    ASSERT_TRUE(wait_for_content(dir_ / name / "metrics.jsonl", 120)) << err(name);
     kill(pid, sig);
     EXPECT_EQ(wait_for(pid), 75) << err(name);
     const auto ckpts = dir_ / name / "checkpoints";
@@ -234,7 +130,7 @@ TEST_F(Train, SecondInterruptExitsAtOnce) {
   const pid_t pid = spawn(args("i", 100000, {"--set", "logging.log_every=1", "--set", "logging.sample_every=1",
                                              "--set", "sampling.sampler=ddpm", "--set", "sampling.num_inference_steps=1000",
                                              "--set", "sampling.num_samples=64"}), "i");
-  ASSERT_TRUE(wait_for_path(dir_ / "i" / "metrics.jsonl", 120)) << err("i");
+  ASSERT_TRUE(wait_for_content(dir_ / "i" / "metrics.jsonl", 120)) << err("i");
   kill(pid, SIGINT);
   std::this_thread::sleep_for(std::chrono::milliseconds(300));  // two signals at once would merge into one
   kill(pid, SIGINT);
