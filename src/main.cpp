@@ -34,6 +34,8 @@ int run(int argc, char** argv) {
   int exit_code = difftrain::kExitOk;
   difftrain::cli::set_train_command(&app, exit_code);
   difftrain::cli::set_sample_command(&app, exit_code);
+  difftrain::cli::set_eval_command(&app, exit_code);
+  difftrain::cli::set_export_command(&app, exit_code);
   difftrain::cli::set_env_command(&app, exit_code);
   difftrain::cli::set_config_command(&app, exit_code);
 

@@ -183,10 +183,12 @@ TEST(GradScaler, StateMachineMatchesTorchAmpGradScaler) {
   GradScaler scaler(o, torch::kCPU);
   for (size_t k = 0; k < c["pattern"].size(); ++k) {
     const bool bad = c["pattern"][k].get<int>() != 0;
-    std::vector<at::Tensor> grads = {torch::full({2}, bad ? INFINITY : 1.0) * scaler.scale_tensor()};
+    std::vector<at::Tensor> grads = {torch::full({2}, bad ? std::numeric_limits<double>::infinity() : 1.0) * scaler.scale_tensor()};
     const auto found_inf = scaler.unscale_(grads);
     EXPECT_EQ(found_inf.item<float>(), bad ? 1.0f : 0.0f);
-    if (!bad) EXPECT_TRUE(torch::allclose(grads[0], torch::ones({2})));
+    if (!bad) {
+      EXPECT_TRUE(torch::allclose(grads[0], torch::ones({2})));
+    }
     scaler.update(found_inf);
     EXPECT_EQ(scaler.scale_tensor().item<double>(), c["scales"][k].get<double>()) << "update " << k;
   }
