@@ -98,6 +98,7 @@ TEST_F(Data, IdxRawAndGzipReadTheSame) {
   write(dir_ / "gz/train-labels-idx1-ubyte.gz", gzip(idx_labels(5)));
   DataConfig strict = idx_config(dir_ / "raw");
   strict.allow_upscale = false;  // 4x3 images, resolution 32
+  strict.resolution = 32;
   const std::string err = error_of([&] { open_dataset(strict); });
   EXPECT_NE(err.find("data.resolution = 32 is larger than the 4x3 images of IDX train split of " + (dir_ / "raw").string()),
             std::string::npos) << err;
