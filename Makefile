@@ -41,3 +41,15 @@ docs: build
 
 clean:
 	rm -rf $(BUILD_DIR)
+
+# Container images (docs/DOCKER.md): CUDA from the official PyTorch devel image, and Debian 12 for CPUs.
+.PHONY: docker docker-cpu bench-train
+docker:
+	docker build -f docker/Dockerfile -t difftrain .
+
+docker-cpu:
+	docker build -f docker/Dockerfile.cpu -t difftrain-cpu .
+
+# Training speed against the same model in PyTorch (scripts/bench/train.sh; docs/PERFORMANCE.md).
+bench-train: build
+	scripts/bench/train.sh --build $(BUILD_DIR)

@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""The difftrain training step in Python PyTorch, for side-by-side speed comparison (the baseline
+of docs/PERFORMANCE.md's training figures; scripts/bench/train.sh runs both in one call).
+
+    reference_train.py --config configs/quickstart.json [--set key.path=value ...]
+                       [--mode eager|compile] [--device cpu|cuda] [--steps N] [--warmup N]
+                       [--batch-size B] [--threads N] [--precision config|fp32|bf16|fp16]
+                       [--data synthetic|real] [--expect-params N]
+
+It reads a difftrain config (a file as written, or the resolved one from `difftrain config print`;
+missing keys take difftrain's defaults, mirrored below), builds diffusers' UNet2DModel from
+model.* (difftrain's num_class_embeds = K is diffusers' K + 1: the extra row is the learned null
+class) and DDPMScheduler from diffusion.*, and times the step difftrain's Trainer::train_step
+takes (src/trainer.cpp):
+
+    t ~ U{0..T-1}, noise ~ N(0, I)  ->  add_noise  ->  UNet(x_t, t[, y with class dropout])
+    ->  MSE to the prediction-type target (min-SNR weights if diffusion.snr_gamma)  ->  backward
+    ->  clip_grad_norm_(foreach)  ->  fused AdamW (weight decay on dim >= 2 only)  ->  LR schedule
+    ->  EMA with torch._foreach ops (diffusers' EMAModel math)
+
+Autocast: train.mixed_precision on CUDA (bf16, or fp16 with a GradScaler); fp32 on the CPU unless
+--precision says otherwise. Data: a pool of random batches already on the device (synthetic,
+the default), or --data real: the config's IDX / CIFAR-10 files loaded onto the device once and
+indexed with on-device random indices. The timed loop has no host synchronisation: loss and
+gradient norm are summed on the device and read once, after the last step.
+
+Prints one JSON line: mode, device, img_per_s, ms_per_step, peak_mem_gb (CUDA), params, torch, ...
+"""
+import argparse
+import copy
+import gzip
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+# difftrain's defaults (include/difftrain/config.h), for configs that leave keys out.
+DEFAULTS = {
+    "model": dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=[32, 64, 128], layers_per_block=1,
+                  down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], attention_head_dim=None,
+                  add_attention=True, norm_num_groups=8, norm_eps=1e-5, dropout=0.0, flip_sin_to_cos=True, freq_shift=0,
+                  resnet_time_scale_shift="default", num_class_embeds=None),
+    "diffusion": dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                      prediction_type="epsilon", variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0,
+                      timestep_spacing="leading", steps_offset=0, rescale_betas_zero_snr=False, snr_gamma=None),
+    "data": dict(dataset="idx", path="", split="train", resolution=28, channels=1, random_flip=False),
+    "train": dict(batch_size=64, gradient_accumulation_steps=1, max_steps=1000, learning_rate=1e-3, lr_schedule="cosine",
+                  lr_warmup_steps=100, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
+                  max_grad_norm=1.0, mixed_precision="no", class_dropout_prob=0.1),
+    "ema": dict(enabled=True, decay=0.999, min_decay=0.0, update_after_step=0, use_ema_warmup=True, inv_gamma=1.0,
+                power=0.75, update_every=1),
+    "run": dict(name="run", seed=0),
+}
+
+
+def load_config(path, overrides):
+    with open(path) as f:
+        raw = json.load(f)
+    cfg = copy.deepcopy(DEFAULTS)
+    for section, values in raw.items():
+        cfg.setdefault(section, {}).update(values)
+    for item in overrides:  # --set key.path=value, the value as JSON when it parses (as difftrain's --set)
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            sys.exit(f"--set {item}: expected section.key=value")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        section, name = key.split(".", 1)
+        cfg.setdefault(section, {})[name] = value
+    return cfg
+
+
+def build_unet(model_cfg):
+    from diffusers import UNet2DModel
+    import inspect
+    allowed = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    unknown = sorted(set(model_cfg) - allowed)
+    if unknown:
+        sys.exit(f"model.{unknown[0]}: not a UNet2DModel argument")
+    kw = dict(model_cfg)
+    if kw.get("num_class_embeds") is not None:
+        kw["num_class_embeds"] += 1  # difftrain's K classes + the learned null class
+    return UNet2DModel(**kw)
+
+
+def lr_lambda(schedule, warmup, total):  # src/optim.cpp lr_lambda (diffusers get_scheduler's shapes)
+    def f(step):
+        if step < warmup:
+            return step / max(1, warmup)
+        if schedule == "constant":
+            return 1.0
+        if schedule == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine, num_cycles 0.5
+    return f
+
+
+class ForeachEMA:
+    """diffusers.training_utils.EMAModel(foreach=True): get_decay and the _foreach_sub_ update."""
+
+    def __init__(self, params, cfg):
+        self.shadow = [p.detach().clone() for p in params]
+        self.cfg = cfg
+        self.optimization_step = 0
+
+    def get_decay(self, optimization_step):
+        c = self.cfg
+        step = max(0, optimization_step - c["update_after_step"] - 1)
+        if step <= 0:
+            return 0.0
+        d = 1 - (1 + step / c["inv_gamma"]) ** -c["power"] if c["use_ema_warmup"] else (1 + step) / (10 + step)
+        return max(min(d, c["decay"]), c["min_decay"])
+
+    @torch.no_grad()
+    def step(self, params):
+        self.optimization_step += 1
+        if self.optimization_step % self.cfg["update_every"] != 0:
+            return
+        one_minus_decay = 1 - self.get_decay(self.optimization_step)
+        torch._foreach_sub_(self.shadow, torch._foreach_sub(self.shadow, params), alpha=one_minus_decay)
+
+
+def read_real_data(data_cfg, device):
+    """The config's IDX or CIFAR-10 training split as a (N, C, H, W) float tensor in [-1, 1] on the device."""
+    import numpy as np
+    root, kind = data_cfg["path"], data_cfg["dataset"]
+    if kind == "idx":
+        def first(*names):
+            for n in names:
+                if os.path.exists(os.path.join(root, n)):
+                    return os.path.join(root, n)
+            sys.exit(f"data.path {root}: none of {names}")
+        path = first("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")
+        raw = (gzip.open if path.endswith(".gz") else open)(path, "rb").read()
+        n, h, w = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
+        pixels = np.frombuffer(raw[16:], dtype=np.uint8).reshape(n, 1, h, w)
+    elif kind == "cifar10":
+        parts = [np.fromfile(os.path.join(root, f"data_batch_{i}.bin"), dtype=np.uint8).reshape(-1, 3073) for i in range(1, 6)]
+        pixels = np.concatenate(parts)[:, 1:].reshape(-1, 3, 32, 32)
+    else:
+        sys.exit(f"--data real: data.dataset {kind} is not supported here (idx, cifar10); use --data synthetic")
+    x = torch.from_numpy(pixels.copy()).to(device).float()
+    res = data_cfg["resolution"]
+    if x.shape[-1] != res or x.shape[-2] != res:
+        x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=res < x.shape[-1], align_corners=False)
+    return (x / 127.5 - 1.0).clamp_(-1, 1).contiguous()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--mode", choices=["eager", "compile"], default="eager")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: trace only, for checks)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, cuDNN)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = all cores (as difftrain's run.num_threads)")
+    ap.add_argument("--precision", choices=["config", "fp32", "bf16", "fp16"], default="config",
+                    help="config: train.mixed_precision on CUDA, fp32 on the CPU")
+    ap.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
+    ap.add_argument("--expect-params", type=int, default=None, help="fail unless the model has this many parameters")
+    args = ap.parse_args()
+
+    cfg = load_config(args.config, args.set)
+    mc, dc, tc, ec, data_cfg = cfg["model"], cfg["diffusion"], cfg["train"], cfg["ema"], cfg["data"]
+    if tc.get("gradient_accumulation_steps", 1) != 1:
+        sys.exit("train.gradient_accumulation_steps != 1 is not modelled here")
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads if args.threads > 0 else os.cpu_count())
+    torch.manual_seed(cfg["run"].get("seed", 0))
+
+    precision = args.precision
+    if precision == "config":
+        precision = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[tc["mixed_precision"]] if device.type == "cuda" else "fp32"
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    from diffusers import DDPMScheduler, __version__ as diffusers_version
+    model = build_unet(mc).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    if args.expect_params is not None and n_params != args.expect_params:
+        sys.exit(f"parameter count {n_params} != expected {args.expect_params}: the models differ")
+    scheduler = DDPMScheduler(**{k: v for k, v in dc.items() if k != "snr_gamma"})
+    T = scheduler.config.num_train_timesteps
+    acp = scheduler.alphas_cumprod.to(device)
+    snr_gamma = dc.get("snr_gamma")
+
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors (CUDA and CPU)
+        [{"params": decay, "weight_decay": tc["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc["learning_rate"], betas=(tc["adam_beta1"], tc["adam_beta2"]), eps=tc["adam_epsilon"], fused=True)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(tc["lr_schedule"], tc["lr_warmup_steps"], tc["max_steps"]))
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    ema = ForeachEMA(params, ec) if ec.get("enabled", True) else None
+    forward = torch.compile(model, mode=args.compile_mode, backend=args.compile_backend) if args.mode == "compile" else model
+
+    B = args.batch_size or tc["batch_size"]
+    C, R = mc["in_channels"], mc["sample_size"]
+    K = mc.get("num_class_embeds")
+    if args.data == "real":
+        dataset = read_real_data(data_cfg, device)  # (N, C, H, W)
+        pool = None
+    else:
+        pool = torch.rand(8, B, C, R, R, device=device) * 2 - 1  # (8, B, C, H, W): 8 distinct batches
+    flip = bool(data_cfg.get("random_flip")) and args.data == "real"
+    loss_sum = torch.zeros((), device=device)
+    norm_sum = torch.zeros((), device=device)
+
+    def batch(i):
+        if pool is not None:
+            return pool[i % pool.shape[0]]
+        idx = torch.randint(dataset.shape[0], (B,), device=device)
+        x = dataset.index_select(0, idx)
+        if flip:
+            x = torch.where(torch.rand(B, 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
+        return x
+
+    def train_step(i):
+        x0 = batch(i)                                                    # (B, C, H, W) in [-1, 1]
+        noise = torch.randn_like(x0)                                     # ε ~ N(0, I)
+        t = torch.randint(0, T, (B,), device=device)                     # t ~ U{0..T-1}
+        labels = None
+        if K is not None:                                                # null class K with p = class_dropout_prob
+            labels = torch.randint(0, K, (B,), device=device)
+            labels = torch.where(torch.rand(B, device=device) < tc["class_dropout_prob"], K, labels)
+        x_t = scheduler.add_noise(x0, noise, t)                          # Ho et al. eq. 4
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = forward(x_t, t, class_labels=labels, return_dict=False)[0]
+        if dc["prediction_type"] == "epsilon":
+            target = noise
+        elif dc["prediction_type"] == "v_prediction":
+            target = scheduler.get_velocity(x0, noise, t)
+        else:
+            target = x0
+        if snr_gamma is None:
+            loss = F.mse_loss(out.float(), target.float())
+        else:                                                            # min-SNR-γ (Hang et al. 2023)
+            snr = acp[t] / (1 - acp[t])
+            w = snr.clamp(max=snr_gamma)
+            w = w / snr if dc["prediction_type"] == "epsilon" else w / (snr + 1) if dc["prediction_type"] == "v_prediction" else w
+            loss = ((out.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).mul(w).mean()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        if tc["max_grad_norm"] > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, tc["max_grad_norm"], foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if scaler:
+            scaler.step(optimizer)  # reads found_inf on the host: fp16 syncs here, as torch.amp does
+            scaler.update()
+        else:
+            optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=False)
+        if ema:
+            ema.step(params)
+        loss_sum.add_(loss.detach())
+        norm_sum.add_(norm.detach())
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    w0 = time.perf_counter()
+    for i in range(args.warmup):
+        train_step(i)
+    sync()
+    warmup_s = time.perf_counter() - w0
+    loss_sum.zero_()
+    norm_sum.zero_()
+    start = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        train_step(i)
+    sync()
+    secs = time.perf_counter() - start
+    mean_loss = loss_sum.item() / max(1, args.steps)  # the one host read of the timed steps
+    mode_name = args.mode
+    if args.mode == "compile":
+        mode_name += "".join(f"({x})" for x in (args.compile_mode, args.compile_backend) if x and x != "inductor")
+    print(json.dumps({
+        "impl": "pytorch", "mode": mode_name,
+        "device": args.device, "config": os.path.basename(args.config), "batch_size": B,
+        "img_per_s": round(args.steps * B / secs, 2), "ms_per_step": round(secs * 1000 / max(1, args.steps), 2),
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+        "params": n_params, "precision": precision, "data": args.data, "steps": args.steps, "warmup": args.warmup,
+        "warmup_s": round(warmup_s, 2), "threads": torch.get_num_threads(), "loss": round(mean_loss, 5),
+        "grad_norm": round(norm_sum.item() / max(1, args.steps), 4), "torch": torch.__version__,
+        "diffusers": diffusers_version,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
