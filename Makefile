@@ -30,7 +30,7 @@ test: build
 	ctest --test-dir $(BUILD_DIR) --output-on-failure -j $(JOBS)
 
 train: build
-	$(BUILD_DIR)/difftrain train --config $(CONFIG)
+	$(BUILD_DIR)/difftrain train --config $(CONFIG) --resume latest
 
 env: build
 	$(BUILD_DIR)/difftrain env

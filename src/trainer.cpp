@@ -186,6 +186,12 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
     if (!resume_path) log_info("--resume latest: no checkpoint in {} yet; starting from step 0", ckpt_dir.string());
   } else if (!resume.empty() && resume != "latest") {
     resume_path = fs::path(resume);
+  } else if (resume.empty() && rank_ == 0) {
+    // Training from scratch over a run that has checkpoints would replace them step by step.
+    if (const auto existing = list_checkpoints(ckpt_dir); !existing.empty())
+      throw UsageError(fmt::format("{} already holds checkpoints (newest: {}); continue it with --resume latest, or start a "
+                                   "new run with --set run.name=<new name>. Nothing was changed.",
+                                   opts_.run_dir.string(), existing.front().second.filename().string()));
   }
   if (opts_.process_group && resume == "latest") {  // rank 0 chose; every rank loads the same one
     const auto chosen = opts_.process_group->share_from_rank0("resume_path", resume_path ? resume_path->string() : "");

@@ -96,6 +96,17 @@ TEST_F(Train, CorruptLatestFallsBackToTheNewestGoodCheckpoint) {
   EXPECT_NE(e.find("step_00000020 at step 20"), std::string::npos) << e;
 }
 
+TEST_F(Train, StartingOverARunWithCheckpointsIsRefused) {
+  ASSERT_EQ(run(args("again", 10), "first"), 0) << err("first");
+  const auto before = digests(ckpt("again", 10));
+  EXPECT_EQ(run(args("again", 10), "second"), 1);
+  EXPECT_NE(err("second").find("already holds checkpoints (newest: step_00000010); continue it with --resume latest"),
+            std::string::npos) << err("second");
+  EXPECT_EQ(digests(ckpt("again", 10)), before);
+  EXPECT_EQ(run(args("again", 10, {"--resume", "latest"}), "third"), 0) << err("third");
+  EXPECT_NE(err("third").find("already trained to step 10"), std::string::npos) << err("third");
+}
+
 TEST_F(Train, ResumeWithAChangedModelIsRefused) {
   ASSERT_EQ(run(args("m", 10), "m"), 0) << err("m");
   // Same run directory: refused before anything is touched.
