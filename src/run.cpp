@@ -1,54 +1,17 @@
 #include "difftrain/run.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
-#include <fstream>
-#include <sstream>
-
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "difftrain/errors.h"
+#include "difftrain/metrics.h"
 
 namespace difftrain {
 
 namespace fs = std::filesystem;
 
-namespace {
-[[noreturn]] void io_error(const std::string& what, const fs::path& p) {
-  throw RuntimeError(fmt::format("{} {}: {}", what, p.string(), std::strerror(errno)));
-}
-
-void fsync_path(const fs::path& p, int flags) {
-  const int fd = ::open(p.c_str(), flags);
-  if (fd < 0) io_error("cannot open", p);
-  const int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) io_error("cannot fsync", p);
-}
-}  // namespace
-
 void write_file_atomic(const fs::path& path, const std::string& content) {
-  const fs::path dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
-  const fs::path tmp = dir / fmt::format(".{}.tmp.{}", path.filename().string(), ::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) io_error("cannot write", tmp);
-    out << content;
-    out.flush();
-    if (!out) io_error("cannot write", tmp);
-  }
-  fsync_path(tmp, O_RDONLY);
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    throw RuntimeError(fmt::format("cannot rename {} to {}: {}", tmp.string(), path.string(), ec.message()));
-  }
-  fsync_path(dir, O_RDONLY | O_DIRECTORY);
+  write_text_atomic(path, content);  // metrics.h: the torch-free implementation, shared
 }
 
 nlohmann::ordered_json run_identity(const Config& cfg) {
