@@ -49,6 +49,23 @@ TEST_F(Train, TensorBoardReadsTheRunAcrossAResume) {
   EXPECT_EQ(steps, (std::vector<int64_t>{5, 10, 15, 20, 25, 30, 35, 40}));
 }
 
+// bf16 autocast on the CPU trains where the CPU has native bf16 (AVX512-BF16 or AMX) and is a
+// clear configuration error elsewhere.
+TEST_F(Train, Bf16OnTheCpuTrainsOrSaysWhyNot) {
+  const int code = run(args("bf16", 30, {"--set", "train.mixed_precision=bf16"}), "bf16");
+  if (code == 1) {
+    EXPECT_NE(err("bf16").find("needs AVX512-BF16 or AMX"), std::string::npos) << err("bf16");
+    return;
+  }
+  ASSERT_EQ(code, 0) << err("bf16");
+  EXPECT_NE(err("bf16").find("BFloat16 autocast"), std::string::npos) << err("bf16");
+  std::vector<double> losses;
+  std::ifstream jsonl(dir_ / "bf16" / "metrics.jsonl");
+  for (std::string line; std::getline(jsonl, line);) losses.push_back(json::parse(line)["train/loss"].get<double>());
+  ASSERT_GE(losses.size(), 2u);
+  EXPECT_LT(losses.back(), 0.6 * losses.front());
+}
+
 TEST_F(Train, ResumeIsBitExact) {
   ASSERT_EQ(run(args("straight", 40), "straight"), 0) << err("straight");
   ASSERT_EQ(run(args("halves", 20), "first"), 0) << err("first");
