@@ -212,7 +212,7 @@ struct DataConfig {
 struct TrainConfig {
   int batch_size = 64;
   int gradient_accumulation_steps = 1;
-  int64_t max_steps = 1000;
+  int64_t max_steps = 900;
   double learning_rate = 1e-3;
   LrSchedule lr_schedule = LrSchedule::cosine;
   int64_t lr_warmup_steps = 100;
