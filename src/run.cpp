@@ -14,6 +14,17 @@ void write_file_atomic(const fs::path& path, const std::string& content) {
   write_text_atomic(path, content);  // metrics.h: the torch-free implementation, shared
 }
 
+std::string run_identity_changes(const Config& before_cfg, const Config& after_cfg) {
+  const auto before = run_identity(before_cfg), after = run_identity(after_cfg);
+  std::string out;
+  for (auto s = after.begin(); s != after.end(); ++s)
+    for (auto k = s.value().begin(); k != s.value().end(); ++k) {
+      const auto old = before.contains(s.key()) ? before[s.key()].value(k.key(), nlohmann::ordered_json()) : nlohmann::ordered_json();
+      if (old != k.value()) out += fmt::format("\n  {}.{}: {} -> {}", s.key(), k.key(), old.dump(), k.value().dump());
+    }
+  return out;
+}
+
 nlohmann::ordered_json run_identity(const Config& cfg) {
   auto j = config_to_json(cfg);
   j["run"].erase("device");
@@ -40,15 +51,8 @@ fs::path prepare_run_dir(const Config& cfg) {
       throw UsageError(fmt::format("run directory {} holds a config.json this version cannot read ({}); move it away or choose "
                                    "another run.name", dir.string(), e.what()));
     }
-    const auto before = run_identity(existing), after = run_identity(cfg);
-    if (before != after) {
-      std::string changes;
-      for (auto s = after.begin(); s != after.end(); ++s)
-        for (auto k = s.value().begin(); k != s.value().end(); ++k)
-          if (!before.contains(s.key()) || before[s.key()].value(k.key(), nlohmann::ordered_json()) != k.value())
-            changes += fmt::format("\n  {}.{}: {} -> {}", s.key(), k.key(),
-                                   before.contains(s.key()) ? before[s.key()].value(k.key(), nlohmann::ordered_json()).dump() : "?",
-                                   k.value().dump());
+    const std::string changes = run_identity_changes(existing, cfg);
+    if (!changes.empty()) {
       throw UsageError(fmt::format("run directory {} already holds a run with a different config ({}); start a new run with "
                                    "--set run.name=<new name>, nothing was overwritten. Changed:{}",
                                    dir.string(), config_file.string(), changes));

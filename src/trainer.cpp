@@ -96,18 +96,6 @@ std::string duration_text(double seconds) {
   return fmt::format("{}s", s);
 }
 
-// Keys of run_identity() that differ, as "  key.path: old -> new" lines.
-std::string identity_changes(const Config& before_cfg, const Config& after_cfg) {
-  const auto before = run_identity(before_cfg), after = run_identity(after_cfg);
-  std::string out;
-  for (auto s = after.begin(); s != after.end(); ++s)
-    for (auto k = s.value().begin(); k != s.value().end(); ++k) {
-      const auto old = before.contains(s.key()) ? before[s.key()].value(k.key(), nlohmann::ordered_json()) : nlohmann::ordered_json();
-      if (old != k.value()) out += fmt::format("\n  {}.{}: {} -> {}", s.key(), k.key(), old.dump(), k.value().dump());
-    }
-  return out;
-}
-
 }  // namespace
 
 Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOptions opts)
@@ -247,7 +235,7 @@ void Trainer::resume_from(const fs::path& path) {
   } catch (const std::exception& e) {
     throw CheckpointError(fmt::format("checkpoint {}: its config.json cannot be read: {}", path.string(), e.what()));
   }
-  if (const auto changes = identity_changes(saved, cfg_); !changes.empty())
+  if (const auto changes = run_identity_changes(saved, cfg_); !changes.empty())
     throw UsageError(fmt::format("cannot resume from {}: the config changes the model, the data or the optimisation (only "
                                  "run.device, run.num_threads, train.max_steps, checkpoint.resume, distributed.timeout_s and "
                                  "logging.* may change on resume). Changed:{}", path.string(), changes));

@@ -18,6 +18,8 @@ void write_file_atomic(const std::filesystem::path& path, const std::string& con
 // The keys that define a run: all but where it runs (run.device, run.num_threads), how long
 // (train.max_steps), how it resumes (checkpoint.resume), distributed.timeout_s and logging.
 nlohmann::ordered_json run_identity(const Config& cfg);
+// The run_identity() keys that differ, one "\n  key.path: old -> new" line each; empty when equal.
+std::string run_identity_changes(const Config& before, const Config& after);
 
 // Creates the run directory and writes config.json (the resolved config). An existing run
 // directory is reused only when its config.json has the same run_identity(); otherwise this is a
