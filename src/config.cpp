@@ -485,12 +485,6 @@ const std::vector<Rule>& rules() {
                e.push_back(fmt::format("data.class_filter[{}]: label {} is not below model.num_class_embeds = {}", i,
                                        c.data.class_filter[i], *c.model.num_class_embeds));
        }},
-      {"`train.lr_warmup_steps` <= `train.max_steps`.",
-       [](const Config& c, Errors& e) {
-         if (c.train.lr_warmup_steps > c.train.max_steps)
-           e.push_back(fmt::format("train.lr_warmup_steps: {} exceeds train.max_steps = {}", c.train.lr_warmup_steps,
-                                   c.train.max_steps));
-       }},
       {"`data.subset`, when set, holds at least one batch (`train.batch_size`), since the last partial batch is dropped.",
        [](const Config& c, Errors& e) {
          if (c.data.subset > 0 && c.data.subset < c.train.batch_size)
@@ -599,6 +593,26 @@ void check_values(const Config& cfg, Errors& errs) {
   ValueChecker checker{"", errs};
   copy.visit(checker);
 }
+
+// Defaults that follow the run, and valid values worth a warning. A warmup longer than the run is
+// what diffusers' get_scheduler accepts (the LR ends below its peak), so it is not an error; the
+// default (100) is capped so that a short run (smoke test, max_steps = 20) trains as asked.
+void adjust_defaults(const nlohmann::ordered_json& j, Config& cfg, std::vector<std::string>* notes) {
+  auto& t = cfg.train;
+  if (t.lr_warmup_steps <= t.max_steps) return;
+  const bool warmup_given = j.contains("train") && j["train"].is_object() && j["train"].contains("lr_warmup_steps");
+  std::string note;
+  if (warmup_given) {
+    note = fmt::format("train.lr_warmup_steps: {} exceeds train.max_steps = {}; the learning rate ends at {:.3g} of "
+                       "train.learning_rate", t.lr_warmup_steps, t.max_steps,
+                       static_cast<double>(t.max_steps - 1) / static_cast<double>(t.lr_warmup_steps));
+  } else {
+    note = fmt::format("train.lr_warmup_steps: the default {} exceeds train.max_steps = {}; using {} (set it to keep "
+                       "another value)", t.lr_warmup_steps, t.max_steps, t.max_steps);
+    t.lr_warmup_steps = t.max_steps;
+  }
+  if (notes) notes->push_back(std::move(note));
+}
 }  // namespace
 
 std::vector<std::string> validate(const Config& cfg) {
@@ -608,13 +622,14 @@ std::vector<std::string> validate(const Config& cfg) {
   return errs;
 }
 
-Config config_from_json(const nlohmann::ordered_json& j, const std::string& origin) {
+Config config_from_json(const nlohmann::ordered_json& j, const std::string& origin, std::vector<std::string>* notes) {
   Config cfg;
   Errors errs;
   if (!j.is_object()) throw ConfigError({"the top level must be a JSON object, got " + describe(j)}, origin);
   JsonReader reader{j, "", errs};
   cfg.visit(reader);
   reader.finish();
+  if (errs.empty()) adjust_defaults(j, cfg, notes);
   if (errs.empty()) errs = validate(cfg);
   else check_values(cfg, errs);  // cross-field checks on a half-read config would mislead
   if (!errs.empty()) throw ConfigError(errs, origin);
@@ -699,12 +714,12 @@ void apply_override(nlohmann::ordered_json& doc, const std::string& assignment) 
   }
 }
 
-Config load_config(const std::string& json_path, const std::vector<std::string>& overrides) {
+Config load_config(const std::string& json_path, const std::vector<std::string>& overrides, std::vector<std::string>* notes) {
   json doc = json_path.empty() ? json::object() : parse_file(json_path);
   for (const auto& o : overrides) apply_override(doc, o);
   std::string origin = json_path.empty() ? "defaults" : json_path;
   if (!overrides.empty()) origin += fmt::format(" with {} --set override{}", overrides.size(), overrides.size() == 1 ? "" : "s");
-  return config_from_json(doc, "invalid configuration (" + origin + ")");
+  return config_from_json(doc, "invalid configuration (" + origin + ")", notes);
 }
 
 std::string config_reference_markdown() {

@@ -120,8 +120,6 @@ const BadCase kBadCases[] = {
     {"guidance_needs_classes", R"({"sampling": {"guidance_scale": 3.0}})", "sampling.guidance_scale", "class-conditional"},
     {"class_filter_label_range", R"({"model": {"num_class_embeds": 10}, "data": {"class_filter": [3, 10]}})",
      "data.class_filter[1]", "not below model.num_class_embeds = 10"},
-    {"warmup_exceeds_steps", R"({"train": {"lr_warmup_steps": 5000, "max_steps": 100}})", "train.lr_warmup_steps",
-     "exceeds train.max_steps = 100"},
     {"subset_smaller_than_batch", R"({"data": {"subset": 10}})", "data.subset", "less than one batch"},
     {"fp16_on_cpu", R"({"run": {"device": "cpu"}, "train": {"mixed_precision": "fp16"}})", "train.mixed_precision",
      "fp16 needs CUDA"},
@@ -223,6 +221,32 @@ TEST(ConfigPrecedence, DefaultsThenFileThenSet) {
   EXPECT_DOUBLE_EQ(cfg.train.learning_rate, 0.001); // the file beats the default
   EXPECT_EQ(cfg.train.max_steps, Config{}.train.max_steps);  // untouched keys keep their default
   EXPECT_EQ(cfg.run.name, "b");                     // the last --set wins
+}
+
+// A short run with every other key at its default trains: the default warmup follows max_steps,
+// and an explicit warmup longer than the run is accepted, as diffusers' get_scheduler does, with a warning.
+TEST(ConfigPrecedence, WarmupDefaultFollowsTheRunLength) {
+  std::vector<std::string> notes;
+  Config cfg = load_config("", {"train.max_steps=20"}, &notes);
+  EXPECT_EQ(cfg.train.lr_warmup_steps, 20);
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_NE(notes[0].find("the default 100 exceeds train.max_steps = 20; using 20"), std::string::npos) << notes[0];
+
+  notes.clear();
+  cfg = load_config("", {"train.max_steps=20", "train.lr_warmup_steps=50"}, &notes);
+  EXPECT_EQ(cfg.train.lr_warmup_steps, 50);  // the user's value stands
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_NE(notes[0].find("train.lr_warmup_steps: 50 exceeds train.max_steps = 20; the learning rate ends at 0.38 of"),
+            std::string::npos) << notes[0];  // the last step (19) runs at 19/50
+
+  notes.clear();
+  const auto p = temp_file("warmup.json", R"({"train": {"max_steps": 30, "lr_warmup_steps": 100}})");
+  EXPECT_EQ(load_config(p.string(), {}, &notes).train.lr_warmup_steps, 100);  // given in the file: kept
+  EXPECT_EQ(notes.size(), 1u);
+
+  notes.clear();
+  EXPECT_EQ(load_config("", {"train.max_steps=500"}, &notes).train.lr_warmup_steps, 100);  // fits: untouched, no note
+  EXPECT_TRUE(notes.empty());
 }
 
 TEST(ConfigPrecedence, SetIsTypedByTheField) {

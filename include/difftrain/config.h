@@ -233,7 +233,8 @@ struct TrainConfig {
     v("max_steps", max_steps, "Optimizer steps to train.", {.min = 1});
     v("learning_rate", learning_rate, "Peak learning rate (after warmup and scale_lr).", {.min = 0, .min_open = true});
     v("lr_schedule", lr_schedule, "Learning-rate decay after warmup.");
-    v("lr_warmup_steps", lr_warmup_steps, "Linear warmup steps from 0 to learning_rate.", {.min = 0});
+    v("lr_warmup_steps", lr_warmup_steps, "Linear warmup steps from 0 to learning_rate. Left at its default, it is capped at "
+      "max_steps; set above max_steps, the learning rate never reaches its peak (a warning).", {.min = 0});
     v("scale_lr", scale_lr, "Scale learning_rate by the effective batch / batch_size: not at all, linearly, or by its square root.");
     v("adam_beta1", adam_beta1, "AdamW β₁.", {.min = 0, .max = 1, .max_open = true});
     v("adam_beta2", adam_beta2, "AdamW β₂.", {.min = 0, .max = 1, .max_open = true});
@@ -394,8 +395,11 @@ class ConfigError : public UsageError {  // exit code 1
 
 // Defaults < JSON file < --set overrides ("key.path=value", typed by the field it sets).
 // Throws ConfigError listing every problem found; a returned Config has passed validate().
-Config load_config(const std::string& json_path, const std::vector<std::string>& overrides = {});
-Config config_from_json(const nlohmann::ordered_json& j, const std::string& origin = "config");
+// `notes`, when given, receives what to log: a default adjusted to the run, a value that is valid but doubtful.
+Config load_config(const std::string& json_path, const std::vector<std::string>& overrides = {},
+                   std::vector<std::string>* notes = nullptr);
+Config config_from_json(const nlohmann::ordered_json& j, const std::string& origin = "config",
+                        std::vector<std::string>* notes = nullptr);
 nlohmann::ordered_json config_to_json(const Config& cfg);  // every key, in declaration order
 std::string config_to_string(const Config& cfg);   // pretty JSON, what runs/<name>/config.json holds
 void apply_override(nlohmann::ordered_json& doc, const std::string& assignment);

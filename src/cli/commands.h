@@ -27,7 +27,7 @@ struct ConfigOptions {
   std::vector<std::string> overrides;      // --set key.path=value, in order
 };
 void add_config_options(CLI::App* cmd, ConfigOptions& opts);
-Config load(const ConfigOptions& opts);
+Config load(const ConfigOptions& opts, std::vector<std::string>* notes = nullptr);  // notes: load_config's
 
 // --checkpoint, --run and --weights, shared by sample, eval and export (defined in sample.cpp).
 struct CheckpointOptions {

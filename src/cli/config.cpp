@@ -22,7 +22,9 @@ void set_config_command(CLI::App* app, int& exit_code) {
   auto* check = cmd->add_subcommand("validate", "Check a configuration; exit 0 when valid, 1 with every problem listed");
   add_config_options(check, opts);
   check->callback([&exit_code] {
-    load(opts);
+    std::vector<std::string> notes;
+    load(opts, &notes);
+    for (const auto& n : notes) std::cerr << "warning: " << n << "\n";
     std::cout << "ok: " << (opts.config_path.empty() ? "defaults" : opts.config_path) << " is a valid configuration\n";
     exit_code = 0;
   });

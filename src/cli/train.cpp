@@ -37,7 +37,8 @@ int run_train(const TrainOptions& opts) {
   ConfigOptions co = opts.config;
   if (!opts.device.empty()) co.overrides.push_back("run.device=" + opts.device);
   if (!opts.resume.empty()) co.overrides.push_back("checkpoint.resume=" + opts.resume);
-  const Config cfg = load(co);
+  std::vector<std::string> notes;
+  const Config cfg = load(co, &notes);
 
   const World world = world_from_environment();
   const int rank = static_cast<int>(world.rank);
@@ -86,6 +87,7 @@ int run_train(const TrainOptions& opts) {
   log_info("difftrain {} | run directory {}", env.difftrain_version, run_dir.string());
   log_info("resolved config (also in {}):\n{}", (run_dir / "config.json").string(), config_to_string(cfg));
   log_info("environment:\n{}", format_env(env));
+  for (const auto& n : notes) log_warn("{}", n);
   if (world.distributed())
     log_info("world: {} ranks ({} per node, launcher {}), store {}:{}, backend {}", world.world_size, world.local_world_size,
              world.launcher, world.master_addr, world.master_port, process_group->backend_name());

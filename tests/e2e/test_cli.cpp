@@ -156,6 +156,23 @@ TEST_F(Cli, ResumeAndPlacementChangesReuseTheRunButOthersAreRefused) {
   EXPECT_EQ(slurp(dir_ / "quickstart" / "config.json"), before);
 }
 
+// The built-in defaults with only max_steps = 20 (a smoke test): the default warmup (100) is capped
+// at the run's length and the log says so; a small model and data keep it short.
+TEST_F(Cli, ShortRunWithTheDefaultWarmupTrains) {
+  const Result r = run("train --device cpu --set run.output_dir=" + dir_.string() +
+                       " --set train.max_steps=20 --set run.num_threads=1 --set data.subset=64 --set data.resolution=16"
+                       " --set model.sample_size=16 --set model.block_out_channels=16,32"
+                       " --set model.down_block_types=DownBlock2D,DownBlock2D --set model.up_block_types=UpBlock2D,UpBlock2D"
+                       " --set train.batch_size=8 --set sampling.num_samples=4 --set sampling.num_inference_steps=2"
+                       " --set sampling.num_final_samples=0");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("train.lr_warmup_steps: the default 100 exceeds train.max_steps = 20; using 20"), std::string::npos)
+      << r.err;
+  const json written = json::parse(slurp(dir_ / "quickstart" / "config.json"));
+  EXPECT_EQ(written["train"]["lr_warmup_steps"], 20);
+  EXPECT_TRUE(fs::exists(dir_ / "quickstart" / "checkpoints" / "step_00000020"));
+}
+
 TEST_F(Cli, RuntimeErrorsExitTwo) {
   std::ofstream(dir_ / "not_a_directory") << "x";
   const Result r = run("train --dry-run --set run.output_dir=" + (dir_ / "not_a_directory").string());
