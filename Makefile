@@ -6,7 +6,7 @@ JOBS       ?= $(shell nproc)
 VENV       ?= .venv
 CONFIG     ?= configs/quickstart.json
 
-.PHONY: all deps configure build test train docs env clean
+.PHONY: all deps configure build test test-cpu-paths train docs env clean
 
 all: build
 
@@ -28,6 +28,18 @@ build: configure
 
 test: build
 	ctest --test-dir $(BUILD_DIR) --output-on-failure -j $(JOBS)
+	@$(MAKE) --no-print-directory test-cpu-paths
+
+# The numerics tests (label numerics: comparisons with diffusers and PyTorch) again on other CPU code
+# paths: ATen's kernels with no vector ISA and for AVX2 (ATEN_CPU_CAPABILITY), and MKL's
+# vendor-neutral path, which AMD CPUs take (MKL_CBWR=COMPATIBLE). Each pass makes its own reference
+# in the same environment (the make_reference fixture).
+CPU_PATHS ?= ATEN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE
+test-cpu-paths: build
+	@for e in $(CPU_PATHS); do \
+	  echo "== numerics tests with $$e"; \
+	  env $$e ctest --test-dir $(BUILD_DIR) -L numerics --output-on-failure -j $(JOBS) || exit 1; \
+	done
 
 train: build
 	$(BUILD_DIR)/difftrain train --config $(CONFIG) --resume latest

@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include "difftrain/scheduler.h"
+#include "numerics.h"
 #include "reference.h"
 
 namespace difftrain {
@@ -22,10 +23,87 @@ SchedulerConfig make(const std::string& schedule, const std::string& pred = "eps
   return c;
 }
 
-void expect_close(const at::Tensor& got, const at::Tensor& want, double atol, double rtol, const std::string& what) {
-  ASSERT_EQ(got.sizes(), want.sizes()) << what;
-  const double err = (got - want).abs().max().item<double>();
-  EXPECT_TRUE(at::allclose(got, want, rtol, atol)) << what << ": max abs error " << err;
+using test::kFloatEps;
+constexpr double u = test::kUnitRoundoff;
+
+// Bounds on |ours - diffusers| for one reverse step, from its formulas (tests/numerics.h). Both
+// sides run the same float32 operations in the same order on the same ᾱ table (TablesMatch:
+// equal), so their scalars agree exactly except where a square root, log or exp is taken: a
+// library's (MKL, Sleef) is within 1 ulp (2u), ours (std::sqrt) is correctly rounded. The counts
+// below add the roundings of one evaluation and double them for two.
+struct StepBounds {
+  at::Tensor x0, prev;  // element-wise bounds on pred_original_sample and prev_sample, float64
+};
+
+// x̂₀ and its bound, for a prediction type. x, m: sample and model output in float64.
+at::Tensor x0_bound(PredictionType p, double ab, const at::Tensor& x, const at::Tensor& m) {
+  const double sa = std::sqrt(ab), sb = std::sqrt(1 - ab);
+  switch (p) {
+    case PredictionType::epsilon:  // (x - √β̄ m) / √ᾱ: sqrt 2u, mul u, sub u, sqrt 2u, div u = 7u, relative to
+      return 2 * 7 * u * (x.abs() + sb * m.abs()) / sa;  // the terms over √ᾱ (the 1/√ᾱ ≈ 157 of t = 999)
+    case PredictionType::v_prediction:  // √ᾱ x - √β̄ m: two sqrt 2u, two mul u, sub u
+      return 2 * 4 * u * (sa * x.abs() + sb * m.abs());
+    case PredictionType::sample: return at::zeros_like(x);  // x̂₀ = m, exactly
+  }
+  return {};
+}
+
+// Relative error bound of σ from one evaluation: sqrt 2u; exp(½ log v) (fixed_small_log) moves by
+// the log's 2u error of |log v| plus the exp's 2u.
+double sigma_rel(VarianceType v, double variance) {
+  return v == VarianceType::fixed_small_log ? (std::fabs(std::log(variance)) + 2) * 2 * u : 2 * u;
+}
+
+// DDPM (formula (7) of arXiv 2006.11239): prev = c0 x̂₀ + c1 x + σ z, c0 = √ᾱ_{t-1} β_t / β̄_t,
+// c1 = √α_t β̄_{t-1} / β̄_t, each a sqrt (2u), a mul and a div (u each); two muls and two adds.
+StepBounds ddpm_bounds(const DDPMScheduler& s, const SchedulerConfig& cfg, int64_t t, const at::Tensor& x,
+                       const at::Tensor& m, const at::Tensor& x0, const at::Tensor& z) {
+  const int64_t prev_t = s.previous_timestep(t);
+  const double ab = s.alphas_cumprod()[t].item<double>(), ab_prev = prev_t >= 0 ? s.alphas_cumprod()[prev_t].item<double>() : 1.0;
+  const double beta = 1 - ab / ab_prev, c0 = std::sqrt(ab_prev) * beta / (1 - ab), c1 = std::sqrt(ab / ab_prev) * (1 - ab_prev) / (1 - ab);
+  StepBounds b;
+  b.x0 = x0_bound(cfg.prediction_type, ab, x, m);
+  b.prev = c0 * b.x0 + 2 * 7 * u * (c0 * x0.abs() + c1 * x.abs());
+  if (t > 0) {
+    const double variance = s.get_variance(t);
+    const double sigma = cfg.variance_type == VarianceType::fixed_small_log ? variance : std::sqrt(variance);
+    b.prev = b.prev + 2 * (sigma_rel(cfg.variance_type, variance) + 2 * u) * sigma * z.abs();
+  }
+  return b;
+}
+
+// DDIM (formula (12) of arXiv 2010.02502): prev = √ᾱ_prev x̂₀ + √(1 - ᾱ_prev - σ²) ε̂ + σ z,
+// σ = η √((β̄_prev / β̄_t)(1 - ᾱ_t / ᾱ_prev)).
+StepBounds ddim_bounds(const DDIMScheduler& s, const SchedulerConfig& cfg, int64_t t, double eta, const at::Tensor& x,
+                       const at::Tensor& m, const at::Tensor& x0, const at::Tensor& z) {
+  const int64_t prev_t = s.previous_timestep(t);
+  const double ab = s.alphas_cumprod()[t].item<double>();
+  const double ab_prev = prev_t >= 0 ? s.alphas_cumprod()[prev_t].item<double>() : (cfg.set_alpha_to_one ? 1.0 : s.alphas_cumprod()[0].item<double>());
+  const double sa = std::sqrt(ab), sb = std::sqrt(1 - ab);
+  const double sigma = eta * std::sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev));
+  const double dir2 = 1 - ab_prev - sigma * sigma, dir = std::sqrt(dir2);
+  // ε̂ and its bound: the model output itself, or derived as x̂₀ is.
+  at::Tensor eps, eps_bound;
+  switch (cfg.prediction_type) {
+    case PredictionType::epsilon: eps = m, eps_bound = at::zeros_like(m); break;
+    case PredictionType::sample:  // (x - √ᾱ m) / √β̄, from the unclipped x̂₀ = m
+      eps = (x - sa * m) / sb, eps_bound = 2 * 7 * u * (x.abs() + sa * m.abs()) / sb; break;
+    case PredictionType::v_prediction:  // √ᾱ m + √β̄ x
+      eps = sa * m + sb * x, eps_bound = 2 * 4 * u * (sa * m.abs() + sb * x.abs()); break;
+  }
+  // σ: sqrt 2u and the η mul u, so σ² is within 7u; 1 - ᾱ_prev - σ² rounds twice more (u of each
+  // operand); its sqrt halves that relative error and adds 2u.
+  const double sigma_err = 3 * u, dir_err = dir > 0 ? 0.5 * (u * (1 - ab_prev) + 7 * u * sigma * sigma + u * dir2) / dir2 + 2 * u : 0;
+  StepBounds b;
+  b.x0 = x0_bound(cfg.prediction_type, ab, x, m);
+  b.prev = std::sqrt(ab_prev) * b.x0 + dir * eps_bound +
+           2 * ((3 * u + 2 * u) * std::sqrt(ab_prev) * x0.abs() + (dir_err + 3 * u) * dir * eps.abs());
+  if (eta > 0) b.prev = b.prev + 2 * (sigma_err + 3 * u) * sigma * z.abs();
+  return b;
+}
+
+::testing::AssertionResult within(const at::Tensor& got, const at::Tensor& want, const at::Tensor& bound) {
+  return test::within_ulps(got, want, bound / kFloatEps, 1.0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -41,8 +119,12 @@ TEST(SchedulerVsDiffusers, TablesMatch) {
     cfg.rescale_betas_zero_snr = c["rescale_betas_zero_snr"];
     const NoiseSchedule s(cfg);
     const std::string key = c["key"];
-    expect_close(s.betas(), ref.at(key + ".betas"), 1e-7, 1e-6, key + " betas");
-    expect_close(s.alphas_cumprod(), ref.at(key + ".alphas_cumprod"), 1e-7, 1e-6, key + " alphas_cumprod");
+    // The same float32 operations of the same library in the same environment (the reference is
+    // made at test time): bit for bit, which the step bounds below rely on.
+    EXPECT_TRUE(torch::equal(s.betas(), ref.at(key + ".betas"))) << key << " betas: max abs error "
+        << (s.betas() - ref.at(key + ".betas")).abs().max().item<double>();
+    EXPECT_TRUE(torch::equal(s.alphas_cumprod(), ref.at(key + ".alphas_cumprod"))) << key << " alphas_cumprod: max abs error "
+        << (s.alphas_cumprod() - ref.at(key + ".alphas_cumprod")).abs().max().item<double>();
   }
 }
 
@@ -68,10 +150,16 @@ TEST(SchedulerVsDiffusers, AddNoiseAndVelocityMatch) {
   for (const auto& c : cases) {
     const std::string schedule = c["beta_schedule"];
     const NoiseSchedule s(make(schedule));
-    expect_close(s.add_noise(ref.at("noise.x0"), ref.at("noise.noise"), ref.at("noise.timesteps")),
-                 ref.at("noise." + schedule + ".add_noise"), 1e-6, 1e-5, schedule + " add_noise");
-    expect_close(s.get_velocity(ref.at("noise.x0"), ref.at("noise.noise"), ref.at("noise.timesteps")),
-                 ref.at("noise." + schedule + ".velocity"), 1e-6, 1e-5, schedule + " get_velocity");
+    const auto x0 = ref.at("noise.x0"), noise = ref.at("noise.noise"), ts = ref.at("noise.timesteps");
+    // √ᾱ x₀ + √β̄ ε and √ᾱ ε - √β̄ x₀: per evaluation two sqrt (2u), two mul and an add (u): 7u of
+    // √ᾱ|a| + √β̄|b|, twice.
+    const auto ab = s.alphas_cumprod().to(at::kDouble).index_select(0, ts).reshape({-1, 1, 1, 1});
+    const auto scale = ab.sqrt() * x0.abs().to(at::kDouble) + (1 - ab).sqrt() * noise.abs().to(at::kDouble);
+    const auto scale_v = ab.sqrt() * noise.abs().to(at::kDouble) + (1 - ab).sqrt() * x0.abs().to(at::kDouble);
+    EXPECT_TRUE(test::within_ulps(s.add_noise(x0, noise, ts), ref.at("noise." + schedule + ".add_noise"), scale, 7))
+        << schedule << " add_noise";
+    EXPECT_TRUE(test::within_ulps(s.get_velocity(x0, noise, ts), ref.at("noise." + schedule + ".velocity"), scale_v, 7))
+        << schedule << " get_velocity";
   }
 }
 
@@ -87,12 +175,17 @@ TEST(SchedulerVsDiffusers, DdpmStepsMatch) {
     if (!c["n"].is_null()) s.set_timesteps(c["n"]);
     const int64_t t = c["t"];
     const std::string what = "ddpm case " + c.dump();
-    EXPECT_NEAR(s.get_variance(t), c["variance"].get<double>(), 1e-6 * std::max(1.0, std::fabs(c["variance"].get<double>())))
-        << what;
-    const auto out = s.step(ref.at("step.model_output"), t, ref.at("step.sample"), at::detail::createCPUGenerator(7));
+    // The same float32 operations on both sides, but for the log and exp of fixed_small_log.
+    const double variance = c["variance"].get<double>();
+    EXPECT_NEAR(s.get_variance(t), variance, 2 * sigma_rel(cfg.variance_type, variance) * variance) << what;
+    const auto x = ref.at("step.sample"), m = ref.at("step.model_output");
+    const auto out = s.step(m, t, x, at::detail::createCPUGenerator(7));
     const std::string i = std::to_string(c["i"].get<int>());
-    expect_close(out.pred_original_sample, ref.at("ddpm." + i + ".pred_original_sample"), 1e-5, 1e-5, what + " x0");
-    expect_close(out.prev_sample, ref.at("ddpm." + i + ".prev_sample"), 1e-5, 1e-5, what + " prev_sample");
+    const auto want_x0 = ref.at("ddpm." + i + ".pred_original_sample");
+    const auto z = at::randn(m.sizes(), at::detail::createCPUGenerator(7), m.options());  // the step's own draw
+    const auto b = ddpm_bounds(s, cfg, t, x.to(at::kDouble), m.to(at::kDouble), want_x0.to(at::kDouble), z.to(at::kDouble));
+    EXPECT_TRUE(within(out.pred_original_sample, want_x0, b.x0)) << what << " x0";
+    EXPECT_TRUE(within(out.prev_sample, ref.at("ddpm." + i + ".prev_sample"), b.prev)) << what << " prev_sample";
   }
 }
 
@@ -106,11 +199,16 @@ TEST(SchedulerVsDiffusers, DdimStepsMatch) {
     cfg.set_alpha_to_one = c["set_alpha_to_one"];
     DDIMScheduler s(cfg);
     s.set_timesteps(c["n"]);
-    const auto out = s.step(ref.at("step.model_output"), c["t"], ref.at("step.sample"), c["eta"],
-                            at::detail::createCPUGenerator(11));
+    const auto x = ref.at("step.sample"), m = ref.at("step.model_output");
+    const int64_t t = c["t"];
+    const double eta = c["eta"];
+    const auto out = s.step(m, t, x, eta, at::detail::createCPUGenerator(11));
     const std::string i = std::to_string(c["i"].get<int>()), what = "ddim case " + c.dump();
-    expect_close(out.pred_original_sample, ref.at("ddim." + i + ".pred_original_sample"), 1e-5, 1e-5, what + " x0");
-    expect_close(out.prev_sample, ref.at("ddim." + i + ".prev_sample"), 1e-5, 1e-5, what + " prev_sample");
+    const auto want_x0 = ref.at("ddim." + i + ".pred_original_sample");
+    const auto z = at::randn(m.sizes(), at::detail::createCPUGenerator(11), m.options());  // the step's own draw
+    const auto b = ddim_bounds(s, cfg, t, eta, x.to(at::kDouble), m.to(at::kDouble), want_x0.to(at::kDouble), z.to(at::kDouble));
+    EXPECT_TRUE(within(out.pred_original_sample, want_x0, b.x0)) << what << " x0";
+    EXPECT_TRUE(within(out.prev_sample, ref.at("ddim." + i + ".prev_sample"), b.prev)) << what << " prev_sample";
   }
 }
 
@@ -184,7 +282,12 @@ TEST(Scheduler, AddNoiseInvertsForEveryPredictionType) {
       const auto xt = s.add_noise(x0, eps, ts);
       const auto target = s.training_target(x0, eps, ts);  // what a perfect model outputs
       const auto out = s.step(target, t, xt, at::detail::createCPUGenerator(0));
-      expect_close(out.pred_original_sample, x0, 2e-4, 1e-4, std::string(pred) + " t=" + std::to_string(t));
+      // x_t and the target round within 7u of √ᾱ|x₀| + √β̄|ε| (AddNoiseAndVelocityMatch); the step's
+      // x̂₀ (7u of its terms over √ᾱ) carries that error over √ᾱ too: 16u of the scale below.
+      const double ab = s.alphas_cumprod()[t].item<double>();
+      const auto d = [](const at::Tensor& a) { return a.abs().to(at::kDouble); };
+      const auto scale = (std::sqrt(ab) * d(x0) + std::sqrt(1 - ab) * d(eps) + d(xt) + std::sqrt(1 - ab) * d(target)) / std::sqrt(ab);
+      EXPECT_TRUE(test::within_ulps(out.pred_original_sample, x0, scale, 8)) << pred << " t=" << t;
     }
 }
 
@@ -197,12 +300,14 @@ TEST(Scheduler, MinSnrWeightsPerPredictionType) {
     for (int i = 0; i < 4; ++i) {
       const double r = snr[i].item<double>(), m = std::min(r, 5.0);
       const double want = std::string(pred) == "epsilon" ? m / r : std::string(pred) == "v_prediction" ? m / (r + 1) : m;
-      EXPECT_NEAR(w[i].item<double>(), want, 1e-6 * std::max(1.0, want)) << pred << " t=" << ts[i].item<int64_t>();
+      // From the same float SNR: a clamp, then at most a div and an add (u each).
+      EXPECT_NEAR(w[i].item<double>(), want, 3 * u * want) << pred << " t=" << ts[i].item<int64_t>();
     }
   }
   const NoiseSchedule s(make("linear"));
   const double ab = s.alphas_cumprod()[400].item<double>();
-  EXPECT_NEAR(s.snr(torch::tensor({400L}))[0].item<double>(), ab / (1 - ab), 1e-5 * ab / (1 - ab));
+  // 1 - ᾱ and the div round by u each.
+  EXPECT_NEAR(s.snr(torch::tensor({400L}))[0].item<double>(), ab / (1 - ab), 2 * u * ab / (1 - ab) * std::max(1.0, ab / (1 - ab)));
 }
 
 // The data distribution is one image x*: the exact ε of x_t is (x_t - √ᾱ_t x*) / √(1-ᾱ_t), and both
@@ -219,12 +324,16 @@ TEST(Scheduler, OracleSamplersRecoverAPointMass) {
     s.set_timesteps(is_ddpm ? 1000 : 50);
     auto gen = at::detail::createCPUGenerator(5);
     auto x = torch::randn({1, 1, 4, 4});
+    at::Tensor scale;
     for (int64_t t : s.timesteps()) {
       const double ab = s.alphas_cumprod()[t].item<double>();
       const auto eps = (x - std::sqrt(ab) * x_star) / std::sqrt(1 - ab);
+      // The last step returns x̂₀ = (x - √β̄ ε)/√ᾱ = x* up to rounding: ε rounds within 7u of
+      // (|x| + √ᾱ|x*|)/√β̄, x̂₀ within 7u of its terms over √ᾱ, and a scale-and-add by 1 (DDIM) 2u more.
+      scale = (2 * x.abs().to(at::kDouble) + x_star.abs().to(at::kDouble)) / std::sqrt(ab) + x_star.abs().to(at::kDouble);
       x = is_ddpm ? ddpm.step(eps, t, x, gen).prev_sample : ddim.step(eps, t, x, 0.0, gen).prev_sample;
     }
-    expect_close(x, x_star, 1e-3, 1e-3, sampler);
+    EXPECT_TRUE(test::within_ulps(x, x_star, scale, 8)) << sampler;
   }
 }
 

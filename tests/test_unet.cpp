@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include "difftrain/unet.h"
+#include "numerics.h"
 #include "reference.h"
 
 namespace difftrain {
@@ -46,8 +47,8 @@ TEST(UNetVsDiffusers, SameWeightsByNameGiveTheSameOutput) {
     const auto out = model->forward(ref.at("sample"), ref.at("timesteps"), labels);
     const auto& want = ref.at("output");
     ASSERT_EQ(out.sizes(), want.sizes());
-    EXPECT_TRUE(torch::allclose(out, want, /*rtol=*/1e-4, /*atol=*/1e-4))
-        << "max abs error " << (out - want).abs().max().item<double>();
+    EXPECT_TRUE(test::as_accurate_as(out, want, ref.at("output64")))
+        << "max abs difference from diffusers " << (out - want).abs().max().item<double>();
   }
 }
 
@@ -137,15 +138,21 @@ TEST(UNet, ClassLabelsAreCheckedAndChangeTheOutput) {
 TEST(UNet, SdpaEqualsExplicitAttention) {
   torch::manual_seed(0);
   const auto q = torch::randn({2, 4, 64, 16}), k = torch::randn({2, 4, 64, 16}), v = torch::randn({2, 4, 64, 16});
-  EXPECT_TRUE(torch::allclose(attention(q, k, v, true), attention(q, k, v, false), 1e-5, 1e-5));
-  // And through a whole model.
+  // Both are float32 evaluations of softmax(QKᵀ/√d)V; the explicit one in float64 is the exact
+  // value, and SDPA must be as close to it as the explicit float32 one (tests/numerics.h).
+  const auto exact = attention(q.to(torch::kDouble), k.to(torch::kDouble), v.to(torch::kDouble), false);
+  EXPECT_TRUE(test::as_accurate_as(attention(q, k, v, true), attention(q, k, v, false), exact));
+  // And through a whole model, against the model in float64 with explicit attention.
   UNet2DModel model(small({16, 32}, 8));
   model->eval();
   torch::NoGradGuard no_grad;
   const auto x = torch::randn({2, 1, 8, 8});
   const auto a = model->forward(x, torch::tensor({2L, 9L}));
   model->set_use_sdpa(false);
-  EXPECT_TRUE(torch::allclose(a, model->forward(x, torch::tensor({2L, 9L})), 1e-5, 1e-5));
+  const auto explicit32 = model->forward(x, torch::tensor({2L, 9L}));
+  model->to(torch::kDouble);
+  const auto exact_model = model->forward(x.to(torch::kDouble), torch::tensor({2L, 9L}));
+  EXPECT_TRUE(test::as_accurate_as(a, explicit32, exact_model));
 }
 
 TEST(UNet, TimestepEmbeddingClosedForm) {
@@ -153,8 +160,11 @@ TEST(UNet, TimestepEmbeddingClosedForm) {
   const auto e = timestep_embedding(torch::tensor({3.0f}), 6, /*flip_sin_to_cos=*/true, /*freq_shift=*/1.0);
   for (int i = 0; i < 3; ++i) {
     const double f = std::pow(10000.0, -static_cast<double>(i) / 2.0);
-    EXPECT_NEAR(e[0][i].item<double>(), std::cos(3.0 * f), 1e-6);
-    EXPECT_NEAR(e[0][3 + i].item<double>(), std::sin(3.0 * f), 1e-6);
+    // float32: the exponent's exp (1 ulp), the product with t = 3 (3·f < 3: 2 ulps of 3 at most),
+    // then cos/sin of an argument off by that much: |Δ| <= 4ε·3 + 2ε.
+    const double bound = 14 * test::kFloatEps;
+    EXPECT_NEAR(e[0][i].item<double>(), std::cos(3.0 * f), bound);
+    EXPECT_NEAR(e[0][3 + i].item<double>(), std::sin(3.0 * f), bound);
   }
 }
 

@@ -57,6 +57,9 @@ for case in sys.argv[1:]:
         inputs = load_file(inputs_path)
         with torch.no_grad():
             out["output"] = unet(inputs["sample"], inputs["timesteps"], class_labels=inputs.get("class_labels")).sample
+            out["output64"] = unet.double()(inputs["sample"].double(), inputs["timesteps"],  # the exact value
+                                            class_labels=inputs.get("class_labels")).sample
+            unet.float()
     ddim_path = os.path.join(case, "ddim.json")
     if os.path.exists(ddim_path):
         with open(ddim_path) as f:

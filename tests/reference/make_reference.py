@@ -67,8 +67,10 @@ for case in UNET_CASES:
         timesteps = torch.tensor(case["timesteps"], dtype=torch.long)
         labels = torch.tensor(case["class_labels"], dtype=torch.long) if "class_labels" in case else None
         out = unet(sample, timesteps, class_labels=labels).sample
+        out64 = unet.double()(sample.double(), timesteps, class_labels=labels).sample  # the exact value, for the error bound
+        unet.float()
     tensors = {"param." + k: v for k, v in unet.state_dict().items()}
-    tensors.update(sample=sample, timesteps=timesteps, output=out)
+    tensors.update(sample=sample, timesteps=timesteps, output=out, output64=out64)
     if labels is not None:
         tensors["class_labels"] = labels
     save(f"unet_{case['name']}.pt", tensors)
