@@ -114,3 +114,6 @@ else()
   set(DIFFTRAIN_WITH_CUDA OFF)
 endif()
 message(STATUS "difftrain: LibTorch ${Torch_VERSION} at ${Torch_DIR} (CUDA: ${DIFFTRAIN_WITH_CUDA})")
+# The NCCL backend of a CUDA LibTorch (src/CMakeLists.txt finds nccl.h or stops).
+include(CMakeDependentOption)
+cmake_dependent_option(DIFFTRAIN_WITH_NCCL "Build the NCCL backend (multi-GPU training); needs nccl.h" ON "DIFFTRAIN_WITH_CUDA" OFF)

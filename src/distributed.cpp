@@ -201,8 +201,8 @@ ProcessGroup::ProcessGroup(const World& world, DistBackend backend, const c10::D
     impl_->backend = cuda::make_nccl_backend(impl_->store, world.rank, world.world_size, timeout);
     impl_->name = "nccl";
 #else
-    throw UsageError("distributed.backend = nccl: this difftrain was built without NCCL (a CPU-only LibTorch, or nccl.h "
-                     "was not found at configure time)");
+    throw UsageError("distributed.backend = nccl: this difftrain was built without NCCL (a CPU-only LibTorch, or "
+                     "-DDIFFTRAIN_WITH_NCCL=OFF at configure time)");
 #endif
   } else {
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);

@@ -19,6 +19,9 @@
 #ifdef DIFFTRAIN_WITH_CUDA
 #include "cuda/cuda_probe.h"
 #endif
+#ifdef DIFFTRAIN_WITH_NCCL
+#include "cuda/nccl_backend.h"
+#endif
 
 namespace difftrain {
 
@@ -80,13 +83,18 @@ std::string cudnn_runtime_version() {
   return fmt::format("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100);
 }
 
+std::string nccl_version_text(int v) { return fmt::format("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100); }  // NCCL >= 2.9
+
 std::string nccl_runtime_version() {
   using Fn = int (*)(int*);
   auto fn = reinterpret_cast<Fn>(loaded_symbol("libnccl.so.2", "ncclGetVersion"));
   int v = 0;
   if (!fn || fn(&v) != 0) return {};
-  return fmt::format("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100);  // NCCL >= 2.9 encoding
+  return nccl_version_text(v);
 }
+
+// "2.28.9" -> "2.28": NCCL keeps its ABI (ncclConfig_t included) within a minor version.
+std::string major_minor(const std::string& v) { return v.substr(0, v.rfind('.')); }
 
 std::string cuda_version_text(int v) { return v ? fmt::format("{}.{}", v / 1000, (v % 1000) / 10) : "none"; }
 
@@ -117,6 +125,9 @@ EnvReport collect_env() {
 #endif
   e.cudnn_version = cudnn_runtime_version();
   e.nccl_version = nccl_runtime_version();
+#ifdef DIFFTRAIN_WITH_NCCL
+  e.nccl_compiled_version = nccl_version_text(cuda::nccl_header_version());
+#endif
   e.hardware_threads = static_cast<int>(std::thread::hardware_concurrency());
   e.torch_threads = at::get_num_threads();
   if (auto p = config.find("CPU capability usage: "); p != std::string::npos)
@@ -138,7 +149,13 @@ std::string format_env(const EnvReport& e) {
                           ? "yes"
                           : fmt::format("no: {}{}", to_string(e.cuda.state), e.cuda.detail.empty() ? "" : " (" + e.cuda.detail + ")"));
   line("cuDNN", e.cudnn_version.empty() ? "not loaded" : e.cudnn_version);
-  line("NCCL", e.nccl_version.empty() ? "not loaded" : e.nccl_version);
+  std::string nccl = e.nccl_version.empty() ? "not loaded" : e.nccl_version;
+  if (e.nccl_compiled_version.empty()) nccl += e.torch_cuda_built ? "; difftrain built without its NCCL backend" : "";
+  else if (!e.nccl_version.empty() && major_minor(e.nccl_version) != major_minor(e.nccl_compiled_version))
+    nccl += fmt::format(" -- MISMATCH: the NCCL backend was compiled against nccl.h {}; rebuild against the NCCL LibTorch "
+                        "loads", e.nccl_compiled_version);
+  else nccl += fmt::format(" (compiled against {})", e.nccl_compiled_version);
+  line("NCCL", nccl);
   if (e.cuda.gpus.empty()) line("GPUs", "none");
   for (const auto& g : e.cuda.gpus)
     line(fmt::format("GPU {}", g.index), fmt::format("{}, {:.1f} GiB, compute capability {}.{}, {} SMs", g.name,
@@ -172,6 +189,7 @@ nlohmann::ordered_json env_to_json(const EnvReport& e) {
                 {"driver_version", e.cuda.driver_version ? cuda_version_text(e.cuda.driver_version) : ""}}},
       {"cudnn_version", e.cudnn_version},
       {"nccl_version", e.nccl_version},
+      {"nccl_compiled_version", e.nccl_compiled_version},
       {"gpus", gpus},
       {"cpu", {{"hardware_threads", e.hardware_threads}, {"torch_threads", e.torch_threads}, {"capability", e.cpu_capability}}},
       {"distributed_backends", {{"gloo", e.gloo_available}, {"nccl", e.nccl_available}, {"mpi", e.mpi_available}}},

@@ -64,6 +64,28 @@ TEST(Env, AgreesWithPyTorch) {
   }
 }
 
+// The NCCL backend is compiled against the nccl.h of the NCCL that LibTorch loads: PyTorch's own
+// answer (torch.cuda.nccl.version(), the library its wheel carries) has the same major.minor,
+// within which NCCL keeps ncclConfig_t, which ProcessGroupNCCL::Options embeds.
+TEST(Env, NcclBackendMatchesTheLoadedNccl) {
+  const EnvReport e = collect_env();
+#ifdef DIFFTRAIN_WITH_NCCL
+  ASSERT_FALSE(e.nccl_compiled_version.empty());
+  const std::string python = DIFFTRAIN_PYTHON;
+  if (python.empty()) GTEST_SKIP() << "no project venv python";
+  const std::string loaded =
+      capture(python + " -c \"import torch; print('.'.join(map(str, torch.cuda.nccl.version()[:2])))\" 2>/dev/null");
+  ASSERT_FALSE(loaded.empty());
+  const std::string compiled = e.nccl_compiled_version.substr(0, e.nccl_compiled_version.rfind('.'));
+  EXPECT_EQ(compiled + "\n", loaded) << "nccl.h " << e.nccl_compiled_version << " vs the NCCL PyTorch loads";
+  EXPECT_EQ(format_env(e).find("MISMATCH"), std::string::npos) << format_env(e);
+  EXPECT_EQ(env_to_json(e)["nccl_compiled_version"], e.nccl_compiled_version);
+#else
+  EXPECT_TRUE(e.nccl_compiled_version.empty());
+  if (e.torch_cuda_built) EXPECT_NE(format_env(e).find("built without its NCCL backend"), std::string::npos);
+#endif
+}
+
 TEST(Env, TextAndJsonCarryTheSameFacts) {
   const EnvReport e = collect_env();
   const std::string text = format_env(e);

@@ -42,6 +42,7 @@ struct EnvReport {
   CudaStatus cuda;
   std::string cudnn_version;          // runtime cudnnGetVersion, "" when not loaded
   std::string nccl_version;           // runtime ncclGetVersion, "" when not loaded
+  std::string nccl_compiled_version;  // the nccl.h the NCCL backend was built with, "" without the backend
   bool gloo_available = false;
   bool nccl_available = false;
   bool mpi_available = false;

@@ -1,5 +1,6 @@
 #include "cuda/nccl_backend.h"
 
+#include <nccl.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 
 namespace difftrain::cuda {
@@ -10,5 +11,7 @@ c10::intrusive_ptr<c10d::Backend> make_nccl_backend(const c10::intrusive_ptr<c10
   opts->timeout = timeout;
   return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, static_cast<int>(rank), static_cast<int>(size), opts);
 }
+
+int nccl_header_version() { return NCCL_VERSION_CODE; }
 
 }  // namespace difftrain::cuda

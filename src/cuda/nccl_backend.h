@@ -14,4 +14,7 @@ namespace difftrain::cuda {
 c10::intrusive_ptr<c10d::Backend> make_nccl_backend(const c10::intrusive_ptr<c10d::Store>& store, int64_t rank, int64_t size,
                                                     std::chrono::milliseconds timeout);
 
+// The NCCL version of the nccl.h this file was compiled with (NCCL_VERSION_CODE, e.g. 22809).
+int nccl_header_version();
+
 }  // namespace difftrain::cuda
