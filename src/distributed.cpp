@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <exception>
 
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -162,12 +163,15 @@ struct ProcessGroup::Impl {
 };
 
 namespace {
-// Waits on a c10d work item; a failure or timeout names the collective.
-void wait_or_throw(const c10::intrusive_ptr<c10d::Work>& work, const char* what, std::chrono::milliseconds timeout) {
+// Runs a collective and waits on it; a failure names the collective. wait() without a timeout:
+// with one, NCCL's WorkNCCL::wait busy-waits on the host until the collective completes (a
+// host sync per bucket per step); without, it only makes the current stream wait. The timeout
+// is still enforced: Gloo fails the operation after its timeout (set per collective below),
+// NCCL's watchdog aborts a collective older than ProcessGroupNCCL::Options::timeout.
+template <typename Launch>
+void run_and_wait(Launch&& launch, const char* what, std::chrono::milliseconds timeout) {
   try {
-    if (!work->wait(timeout)) throw RuntimeError(fmt::format("{} timed out", what));
-  } catch (const RuntimeError&) {
-    throw;
+    launch()->wait();
   } catch (const std::exception& e) {
     throw RuntimeError(fmt::format("distributed {} failed (a peer died, hung past distributed.timeout_s = {} s, or lost its "
                                    "connection): {}", what, timeout.count() / 1000, e.what()));
@@ -176,7 +180,8 @@ void wait_or_throw(const c10::intrusive_ptr<c10d::Work>& work, const char* what,
 }  // namespace
 
 ProcessGroup::ProcessGroup(const World& world, DistBackend backend, const c10::Device& device, std::chrono::milliseconds timeout)
-    : impl_(std::make_unique<Impl>()), world_(world), timeout_(timeout) {
+    : impl_(std::make_unique<Impl>()), world_(world), device_(device), timeout_(timeout),
+      uncaught_at_start_(std::uncaught_exceptions()) {
   c10d::TCPStoreOptions so;
   so.port = static_cast<uint16_t>(world.master_port);
   so.isServer = !world.use_agent_store && world.rank == 0;
@@ -198,13 +203,14 @@ ProcessGroup::ProcessGroup(const World& world, DistBackend backend, const c10::D
       throw UsageError(fmt::format("distributed.backend = nccl needs CUDA devices (training on {}); use gloo or auto",
                                    device.str()));
 #ifdef DIFFTRAIN_WITH_NCCL
-    impl_->backend = cuda::make_nccl_backend(impl_->store, world.rank, world.world_size, timeout);
+    impl_->backend = cuda::make_nccl_backend(impl_->store, world.rank, world.world_size, device, timeout);
     impl_->name = "nccl";
 #else
     throw UsageError("distributed.backend = nccl: this difftrain was built without NCCL (a CPU-only LibTorch, or "
                      "-DDIFFTRAIN_WITH_NCCL=OFF at configure time)");
 #endif
   } else {
+    // The timeout of every Gloo operation (the per-collective option below overrides it).
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
     opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     impl_->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, static_cast<int>(world.rank),
@@ -213,34 +219,52 @@ ProcessGroup::ProcessGroup(const World& world, DistBackend backend, const c10::D
   }
 }
 
-ProcessGroup::~ProcessGroup() = default;
+ProcessGroup::ProcessGroup(const World& world, c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Backend> backend,
+                           std::string name, const c10::Device& device, std::chrono::milliseconds timeout)
+    : impl_(std::make_unique<Impl>()), world_(world), device_(device), timeout_(timeout),
+      uncaught_at_start_(std::uncaught_exceptions()) {
+  impl_->store = std::move(store), impl_->backend = std::move(backend), impl_->name = std::move(name);
+}
+
+ProcessGroup::~ProcessGroup() {
+  if (!impl_->backend) return;
+  const bool failing = std::uncaught_exceptions() > uncaught_at_start_;
+  try {
+    // As torch.distributed.destroy_process_group does: without it ProcessGroupNCCL's destructor
+    // warns that the group was not destroyed, and aborts. shutdown() flushes pending collectives,
+    // which would wait for a dead peer; abort() does not.
+    if (failing) impl_->backend->abort();
+    else impl_->backend->shutdown();
+  } catch (const std::exception& e) {
+    log_warn("distributed: {} {} failed: {}", impl_->name, failing ? "abort" : "shutdown", e.what());
+  }
+}
 
 std::string ProcessGroup::backend_name() const { return impl_->name; }
 
+void ProcessGroup::check_device(const std::vector<at::Tensor>& tensors, const char* what) const {
+  for (const auto& t : tensors)
+    if (t.device() != device_)
+      throw RuntimeError(fmt::format("distributed {}: a tensor on {}, but this process group communicates on {} (NCCL "
+                                     "takes only tensors on its own GPU)", what, t.device().str(), device_.str()));
+}
+
 void ProcessGroup::broadcast(std::vector<at::Tensor>& tensors, int64_t root) {
   c10::NoGradGuard no_grad;
+  check_device(tensors, "broadcast");
   for (auto& t : tensors) {  // one tensor per call: c10d broadcasts a list as one tensor per device
     std::vector<at::Tensor> one = {t};
     c10d::BroadcastOptions o;
     o.rootRank = root;
     o.timeout = timeout_;
-    wait_or_throw(impl_->backend->broadcast(one, o), "broadcast", timeout_);
+    run_and_wait([&] { return impl_->backend->broadcast(one, o); }, "broadcast", timeout_);
   }
 }
 
-void ProcessGroup::allreduce_sum(std::vector<at::Tensor>& tensors) {
-  for (auto& t : tensors) {
-    std::vector<at::Tensor> one = {t};
-    c10d::AllreduceOptions o;
-    o.timeout = timeout_;
-    wait_or_throw(impl_->backend->allreduce(one, o), "all-reduce", timeout_);
-  }
-}
-
-void ProcessGroup::allreduce_mean(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes) {
-  c10::NoGradGuard no_grad;
-  if (tensors.empty()) return;
-  // Buckets of consecutive tensors, as DDP's Reducer packs them (flat, one all-reduce each).
+namespace {
+// Consecutive tensors packed into flat buffers of at most bucket_bytes each (one tensor may
+// exceed it alone), as DDP's Reducer packs them. On the tensors' device.
+std::vector<std::vector<at::Tensor>> buckets_of(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes) {
   std::vector<std::vector<at::Tensor>> buckets(1);
   int64_t bytes = 0;
   for (const auto& t : tensors) {
@@ -248,31 +272,65 @@ void ProcessGroup::allreduce_mean(const std::vector<at::Tensor>& tensors, int64_
     buckets.back().push_back(t);
     bytes += static_cast<int64_t>(t.nbytes());
   }
+  return buckets;
+}
+
+at::Tensor flatten(const std::vector<at::Tensor>& bucket) {  // (Σ numel)
+  std::vector<at::Tensor> views;
+  for (const auto& t : bucket) views.push_back(t.reshape({-1}));
+  return at::cat(views);
+}
+
+void unflatten(const at::Tensor& flat, const std::vector<at::Tensor>& bucket) {
+  int64_t offset = 0;
+  for (const auto& t : bucket) {
+    t.copy_(flat.slice(0, offset, offset + t.numel()).view(t.sizes()));
+    offset += t.numel();
+  }
+}
+}  // namespace
+
+void ProcessGroup::allreduce_sum(const std::vector<at::Tensor>& tensors) {
+  c10::NoGradGuard no_grad;
+  if (tensors.empty()) return;
+  check_device(tensors, "all-reduce");
+  std::vector<at::Tensor> flat = {flatten(tensors)};
+  c10d::AllreduceOptions o;
+  o.timeout = timeout_;
+  run_and_wait([&] { return impl_->backend->allreduce(flat, o); }, "all-reduce", timeout_);
+  unflatten(flat[0], tensors);
+}
+
+void ProcessGroup::allreduce_mean(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes) {
+  c10::NoGradGuard no_grad;
+  if (tensors.empty()) return;
+  check_device(tensors, "gradient all-reduce");
+  const auto buckets = buckets_of(tensors, bucket_bytes);
   std::vector<at::Tensor> flats;
   std::vector<c10::intrusive_ptr<c10d::Work>> works;
-  for (const auto& bucket : buckets) {
-    std::vector<at::Tensor> views;
-    for (const auto& t : bucket) views.push_back(t.reshape({-1}));
-    std::vector<at::Tensor> flat = {at::cat(views).div_(static_cast<double>(world_.world_size))};  // (Σ numel)
-    c10d::AllreduceOptions o;
-    o.timeout = timeout_;
-    works.push_back(impl_->backend->allreduce(flat, o));
-    flats.push_back(flat[0]);
+  const char* what = "gradient all-reduce";
+  try {  // every bucket in flight before the first wait
+    for (const auto& bucket : buckets) {
+      std::vector<at::Tensor> flat = {flatten(bucket).div_(static_cast<double>(world_.world_size))};
+      c10d::AllreduceOptions o;
+      o.timeout = timeout_;
+      works.push_back(impl_->backend->allreduce(flat, o));
+      flats.push_back(flat[0]);
+    }
+  } catch (const std::exception& e) {
+    throw RuntimeError(fmt::format("distributed {} failed: {}", what, e.what()));
   }
   for (size_t b = 0; b < buckets.size(); ++b) {
-    wait_or_throw(works[b], "gradient all-reduce", timeout_);
-    int64_t offset = 0;
-    for (const auto& t : buckets[b]) {
-      t.copy_(flats[b].slice(0, offset, offset + t.numel()).view(t.sizes()));
-      offset += t.numel();
-    }
+    run_and_wait([&] { return works[b]; }, what, timeout_);
+    unflatten(flats[b], buckets[b]);
   }
 }
 
 void ProcessGroup::barrier() {
   c10d::BarrierOptions o;
   o.timeout = timeout_;
-  wait_or_throw(impl_->backend->barrier(o), "barrier", timeout_);
+  if (device_.is_cuda()) o.device_ids = {device_.index()};  // NCCL's barrier all-reduces a tensor on this GPU
+  run_and_wait([&] { return impl_->backend->barrier(o); }, "barrier", timeout_);
 }
 
 std::string ProcessGroup::share_from_rank0(const std::string& key, const std::string& value_on_rank0) {

@@ -1,6 +1,7 @@
 #include "difftrain/optim.h"
 
 #include <cmath>
+#include <limits>
 
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_foreach_addcdiv.h>
@@ -15,7 +16,11 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/clamp.h>
 #include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/masked_fill.h>
+#include <ATen/ops/pow.h>
+#include <ATen/ops/sqrt.h>
 #include <ATen/ops/stack.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/GradMode.h>
@@ -50,14 +55,11 @@ void AdamW::zero_grad() {
 
 void AdamW::step(double lr, const at::Tensor& found_inf) {
   c10::NoGradGuard no_grad;
-  if (impl_ != OptimizerImpl::fused && found_inf.defined() && found_inf.item<float>() != 0.0f) return;
-  const auto skip = impl_ == OptimizerImpl::fused && found_inf.defined() ? std::optional<at::Tensor>(found_inf) : std::nullopt;
-  step_group(decay_idx_, lr, opts_.weight_decay, skip);
-  step_group(no_decay_idx_, lr, 0.0, skip);
+  step_group(decay_idx_, lr, opts_.weight_decay, found_inf);
+  step_group(no_decay_idx_, lr, 0.0, found_inf);
 }
 
-void AdamW::step_group(const std::vector<size_t>& idx, double lr, double weight_decay,
-                       const std::optional<at::Tensor>& found_inf) {
+void AdamW::step_group(const std::vector<size_t>& idx, double lr, double weight_decay, const at::Tensor& found_inf) {
   if (idx.empty()) return;
   std::vector<at::Tensor> p, g, m, v, s;
   for (size_t i : idx) {
@@ -66,35 +68,53 @@ void AdamW::step_group(const std::vector<size_t>& idx, double lr, double weight_
         s.push_back(steps_[i]);
   }
   const double b1 = opts_.beta1, b2 = opts_.beta2;
-  at::_foreach_add_(s, 1.0);
   if (impl_ == OptimizerImpl::fused) {
+    at::_foreach_add_(s, 1.0);
+    const auto skip = found_inf.defined() ? std::optional<at::Tensor>(found_inf) : std::nullopt;
     at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, b1, b2, weight_decay, opts_.eps, /*amsgrad=*/false,
-                      /*maximize=*/false, /*grad_scale=*/std::nullopt, found_inf);
+                      /*maximize=*/false, /*grad_scale=*/std::nullopt, skip);
     // The kernel skips the update on found_inf but not the count, as in torch.optim's _fused_adamw.
-    if (found_inf) at::_foreach_sub_(s, std::vector<at::Tensor>(s.size(), *found_inf));
+    if (skip) at::_foreach_sub_(s, std::vector<at::Tensor>(s.size(), *skip));
     return;
   }
-  // Every parameter has taken the same number of steps; read it once (torch's non-capturable path does too).
-  const double t = s.front().item<double>();
-  const double bias_correction1 = 1 - std::pow(b1, t), bias_correction2_sqrt = std::sqrt(1 - std::pow(b2, t));
-  const double step_size = lr / bias_correction1;
+  // foreach and loop decide on the device too, so neither reads a tensor on the host: every
+  // coefficient is a 0-d tensor, and on a skipped step each is the identity (as torch.where
+  // would choose). Non-finite gradients cannot be multiplied away (0 · inf = NaN), so a skipped
+  // step first zeroes them. The arithmetic is torch.optim.AdamW's capturable foreach path.
+  const auto dev = s.front().options();  // 0-d float32 on the parameters' device
+  const auto skip = found_inf.defined() ? found_inf.ne(0) : at::zeros({}, dev.dtype(at::kBool));
+  if (found_inf.defined()) {
+    at::_foreach_add_(s, 1 - found_inf);
+    for (auto& gi : g) gi.masked_fill_(skip, 0);
+  } else {
+    at::_foreach_add_(s, 1.0);
+  }
+  // Every parameter has taken the same number of steps. A first step that is skipped leaves
+  // t = 0, where the bias corrections would divide by zero: its update is masked anyway.
+  const auto t = s.front().clamp_min(1);
+  const auto step_size = -lr / (1 - at::pow(b1, t));                  // -lr / (1 - β₁ᵗ)
+  const auto denom_scale = at::sqrt(1 - at::pow(b2, t)) * step_size;  // √(1 - β₂ᵗ) · step_size
+  // ε / step_size, or +inf on a skipped step: the update m / denom is then 0.
+  const auto eps_over_step = at::where(skip, std::numeric_limits<double>::infinity(), opts_.eps / step_size);
+  const auto decay = at::where(skip, 1.0, 1 - lr * weight_decay), beta1 = at::where(skip, 1.0, b1),
+             beta2 = at::where(skip, 1.0, b2);
   if (impl_ == OptimizerImpl::foreach) {
-    if (weight_decay != 0) at::_foreach_mul_(p, 1 - lr * weight_decay);
-    at::_foreach_lerp_(m, g, 1 - b1);
-    at::_foreach_mul_(v, b2);
+    if (weight_decay != 0) at::_foreach_mul_(p, decay);
+    at::_foreach_mul_(m, beta1);
+    at::_foreach_add_(m, g, 1 - b1);
+    at::_foreach_mul_(v, beta2);
     at::_foreach_addcmul_(v, g, g, 1 - b2);
     auto denom = at::_foreach_sqrt(v);
-    at::_foreach_div_(denom, bias_correction2_sqrt);
-    at::_foreach_add_(denom, opts_.eps);
-    at::_foreach_addcdiv_(p, m, denom, -step_size);
+    at::_foreach_div_(denom, denom_scale);
+    at::_foreach_add_(denom, eps_over_step);
+    at::_foreach_addcdiv_(p, m, denom);
     return;
   }
   for (size_t i = 0; i < p.size(); ++i) {  // loop: the same ops, one tensor at a time
-    if (weight_decay != 0) p[i].mul_(1 - lr * weight_decay);
-    m[i].lerp_(g[i], 1 - b1);
-    v[i].mul_(b2).addcmul_(g[i], g[i], 1 - b2);
-    const auto denom = (v[i].sqrt() / bias_correction2_sqrt).add_(opts_.eps);
-    p[i].addcdiv_(m[i], denom, -step_size);
+    if (weight_decay != 0) p[i].mul_(decay);
+    m[i].mul_(beta1).add_(g[i], 1 - b1);
+    v[i].mul_(beta2).addcmul_(g[i], g[i], 1 - b2);
+    p[i].addcdiv_(m[i], (v[i].sqrt() / denom_scale).add_(eps_over_step));
   }
 }
 

@@ -6,7 +6,6 @@
 #include <cstdio>
 
 #include <ATen/Context.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/maximum.h>
@@ -105,7 +104,11 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
       schedule_(SchedulerConfig::from(cfg.diffusion)),
       generator_(at::globalContext().defaultGenerator(opts_.device).clone()) {
   const auto& tc = cfg_.train;
-  if (opts_.process_group) rank_ = opts_.process_group->world().rank, world_size_ = opts_.process_group->world().world_size;
+  if (opts_.process_group) {
+    rank_ = opts_.process_group->world().rank, world_size_ = opts_.process_group->world().world_size;
+    TORCH_CHECK(opts_.process_group->device() == opts_.device, "the process group communicates on ",
+                opts_.process_group->device(), " but training runs on ", opts_.device);
+  }
   autocast_ = autocast_dtype(tc.mixed_precision, opts_.device);
 
   // The same initial weights on every rank: the model is built from the global seed.
@@ -384,12 +387,9 @@ void Trainer::log_interval(bool final) {
   check_nonfinite();
   const auto now = std::chrono::steady_clock::now();
   const double secs = std::chrono::duration<double>(now - interval_start_).count();
-  if (opts_.process_group) {  // the loss over every rank's samples
-    auto packed = at::cat({loss_sum_.reshape({1}), quartile_sum_, quartile_count_}).cpu();  // (9)
-    std::vector<at::Tensor> one = {packed};
-    opts_.process_group->allreduce_sum(one);
-    loss_sum_.copy_(packed[0] / static_cast<double>(world_size_));
-    quartile_sum_.copy_(packed.slice(0, 1, 5)), quartile_count_.copy_(packed.slice(0, 5, 9));
+  if (opts_.process_group) {  // the loss over every rank's samples, reduced where it lives (NCCL: on the GPU)
+    opts_.process_group->allreduce_sum({loss_sum_, quartile_sum_, quartile_count_});
+    loss_sum_.div_(static_cast<double>(world_size_));
   }
   const double loss = loss_sum_.item<double>() / static_cast<double>(interval_steps_);
   const double grad_norm = grad_norm_sum_.item<double>() / static_cast<double>(interval_steps_);

@@ -89,6 +89,38 @@ TEST(AdamW, FoundInfSkipsTheStepAndLeavesStateUnchanged) {
   }
 }
 
+// A real overflow: inf and NaN in the gradient, found_inf computed on the device from the norm as
+// the trainer does. The skipped step (here the very first, where t = 0) must be an exact no-op,
+// so the run continues bit-identical to one that never saw the bad gradient; nothing turns NaN.
+TEST(AdamW, AnInfGradientIsSkippedExactlyByEveryImplementation) {
+  for (OptimizerImpl impl : {OptimizerImpl::fused, OptimizerImpl::foreach, OptimizerImpl::loop}) {
+    SCOPED_TRACE(to_string(impl));
+    torch::manual_seed(0);
+    const auto init = torch::randn({4, 3}), good = torch::randn({4, 3});
+    AdamWOptions o;
+    o.impl = impl, o.weight_decay = 0.1;
+    auto w = init.clone().requires_grad_(), twin = init.clone().requires_grad_();
+    AdamW opt({{"w", w}}, o), reference({{"w", twin}}, o);
+
+    auto bad = good.clone();
+    bad[0][0] = std::numeric_limits<float>::infinity(), bad[1][2] = std::numeric_limits<float>::quiet_NaN();
+    w.mutable_grad() = bad;
+    const auto found_inf = at::isfinite(clip_grad_norm_({w.grad()}, 0.0)).logical_not().to(at::kFloat);
+    ASSERT_EQ(found_inf.item<float>(), 1.0f);
+    opt.step(1e-2, found_inf);
+    EXPECT_TRUE(torch::equal(w, init));
+    for (const auto& [name, t] : opt.state_dict()) EXPECT_FALSE(t.isnan().any().item<bool>()) << name;
+    EXPECT_EQ(opt.state_dict()[2].second.item<float>(), 0.0f) << "a skipped step is not counted";
+
+    for (int k = 0; k < 3; ++k) {  // then the same good steps on both
+      w.mutable_grad() = good.clone(), twin.mutable_grad() = good.clone();
+      opt.step(1e-2, torch::zeros({})), reference.step(1e-2, torch::zeros({}));
+    }
+    EXPECT_TRUE(torch::equal(w, twin));
+    for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(torch::equal(opt.state_dict()[i].second, reference.state_dict()[i].second));
+  }
+}
+
 TEST(AdamW, StateRoundTripsAndMismatchesAreNamed) {
   auto w = torch::randn({2, 2}).requires_grad_();
   AdamW a({{"w", w}}, {});

@@ -14,8 +14,14 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
+#include <c10/util/intrusive_ptr.h>
 
 #include "difftrain/config.h"
+
+namespace c10d {
+class Backend;
+class Store;
+}  // namespace c10d
 
 namespace difftrain {
 
@@ -44,28 +50,38 @@ std::string slurm_first_host(const std::string& nodelist);
 // All hosts of a Slurm nodelist, in order: "a[1-2],b" -> a1 a2 b.
 std::vector<std::string> expand_slurm_nodelist(const std::string& nodelist);
 
-// The c10d process group and what the trainer does with it. Every collective has the timeout
-// given; one that fails or times out throws RuntimeError naming the collective, so a dead or
-// hung peer makes every other rank exit non-zero instead of waiting forever.
+// The c10d process group and what the trainer does with it. Every collective takes tensors on
+// device() (NCCL accepts only tensors on its own GPU; Gloo would silently take any, so the check
+// is ours and holds for every backend). A collective that fails throws RuntimeError naming it, so
+// a dead or hung peer makes every other rank exit non-zero instead of waiting forever: Gloo fails
+// the collective after the timeout given, NCCL's watchdog aborts it (and the process).
 class ProcessGroup {
  public:
   // Connects to the TCPStore (rank 0 hosts it unless torchrun's agent does) and creates the
-  // backend: NCCL for CUDA devices, Gloo for the CPU (backend auto), or the one named.
+  // backend: NCCL for CUDA devices, Gloo for the CPU (backend auto), or the one named. `device`
+  // is the rank's training device; NCCL binds to it and connects eagerly.
   ProcessGroup(const World& world, DistBackend backend, const c10::Device& device, std::chrono::milliseconds timeout);
+  // Over a backend made by the caller (tests wrap one to check what reaches it).
+  ProcessGroup(const World& world, c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Backend> backend,
+               std::string name, const c10::Device& device, std::chrono::milliseconds timeout);
+  // Shuts the backend down (NCCL: flushes and destroys its communicators) on a normal exit, or
+  // aborts it while an exception unwinds (a peer failed: flushing would wait on it).
   ~ProcessGroup();
   ProcessGroup(const ProcessGroup&) = delete;
   ProcessGroup& operator=(const ProcessGroup&) = delete;
 
   const World& world() const { return world_; }
   std::string backend_name() const;
+  const c10::Device& device() const { return device_; }  // where collectives take their tensors
 
   // In place: rank `root`'s values everywhere.
   void broadcast(std::vector<at::Tensor>& tensors, int64_t root = 0);
   // In place: the mean over ranks, through flat buckets of at most bucket_bytes each (one
   // all-reduce per bucket, all in flight together). Tensors must share a device and dtype.
   void allreduce_mean(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes);
-  // In place: the sum over ranks.
-  void allreduce_sum(std::vector<at::Tensor>& tensors);
+  // In place: the sum over ranks, all tensors packed into one all-reduce (small things such as
+  // logged statistics). Tensors must share a device and dtype.
+  void allreduce_sum(const std::vector<at::Tensor>& tensors);
   void barrier();
 
   // A small string from rank 0 to every rank, through the store.
@@ -78,10 +94,15 @@ class ProcessGroup {
   std::optional<int64_t> stop_step(bool local_request, int64_t step);
 
  private:
+  // RuntimeError naming `what` unless every tensor is on device().
+  void check_device(const std::vector<at::Tensor>& tensors, const char* what) const;
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
   World world_;
+  c10::Device device_;
   std::chrono::milliseconds timeout_;
+  int uncaught_at_start_ = 0;  // std::uncaught_exceptions() when made: more at destruction = failing
   std::optional<int64_t> stop_at_;
   bool published_ = false;
 };

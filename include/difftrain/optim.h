@@ -1,6 +1,6 @@
 // AdamW, the learning-rate schedules and gradient clipping: the optimizer half of a training
 // step. Each follows the PyTorch / diffusers function it names, so numbers agree with them.
-// Nothing here reads a tensor on the host in the fused path, so a step can be CUDA-graph captured.
+// Nothing here reads a tensor on the host (no device sync), in any implementation.
 #pragma once
 
 #include <cstdint>
@@ -40,8 +40,8 @@ class AdamW {
   AdamW(NamedTensors params, AdamWOptions opts);
 
   // One update at learning rate `lr` from the parameters' .grad(). When `found_inf` (0-d float on
-  // the parameters' device) is 1, parameters and state stay as they were: the fused kernel
-  // decides on the device; foreach and loop read the flag on the host.
+  // the parameters' device) is 1, parameters and state stay as they were, decided on the device
+  // in every implementation (foreach and loop zero the gradients of such a step in place).
   void step(double lr, const at::Tensor& found_inf = {});
   void zero_grad();  // in place, so gradient buffers keep their addresses
 
@@ -55,7 +55,7 @@ class AdamW {
   void load_state_dict(const std::map<std::string, at::Tensor>& state);
 
  private:
-  void step_group(const std::vector<size_t>& idx, double lr, double weight_decay, const std::optional<at::Tensor>& found_inf);
+  void step_group(const std::vector<size_t>& idx, double lr, double weight_decay, const at::Tensor& found_inf);
 
   AdamWOptions opts_;
   OptimizerImpl impl_;
