@@ -6,7 +6,7 @@ JOBS       ?= $(shell nproc)
 VENV       ?= .venv
 CONFIG     ?= configs/quickstart.json
 
-.PHONY: all deps configure build test train docs env clean
+.PHONY: all deps configure build test train docs env format-check clean
 
 all: build
 
@@ -34,6 +34,10 @@ train: build
 
 env: build
 	$(BUILD_DIR)/difftrain env
+
+# Lines changed since main follow .clang-format (scripts/check-format.sh; also a ctest).
+format-check:
+	scripts/check-format.sh
 
 # Regenerate docs/CONFIG.md from the config structs (a test fails when it is stale).
 docs: build
