@@ -5,8 +5,11 @@ BUILD_TYPE ?= Release
 JOBS       ?= $(shell nproc)
 VENV       ?= .venv
 CONFIG     ?= configs/quickstart.json
+# `make install`: bin/difftrain, the headers, the libraries and the CMake package under PREFIX.
+# The default needs no root; system-wide: make build && sudo cmake --install build --prefix /usr/local
+PREFIX     ?= $(HOME)/.local
 
-.PHONY: all deps configure build test test-cpu-paths train docs env clean
+.PHONY: all deps configure build test test-cpu-paths train docs env install format-check clean
 
 all: build
 
@@ -46,6 +49,15 @@ train: build
 
 env: build
 	$(BUILD_DIR)/difftrain env
+
+# Builds what is installed (the CLI and the libraries it links), not the tests.
+install: configure
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target difftrain
+	cmake --install $(BUILD_DIR) --prefix $(PREFIX)
+
+# Lines changed since main follow .clang-format (scripts/check-format.sh; also a ctest).
+format-check:
+	scripts/check-format.sh
 
 # Regenerate docs/CONFIG.md from the config structs (a test fails when it is stale).
 docs: build

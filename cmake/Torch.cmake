@@ -104,9 +104,16 @@ endif()
 # std::filesystem (built with a newer GCC) that crashes when called against the system libstdc++
 # (remove_all jumps to a null pointer; pytorch/pytorch#133437). Putting libstdc++ ahead of LibTorch in the link line makes
 # the dynamic linker resolve std:: symbols in libstdc++ first.
+# It is installed as difftrain::torch: the exported target keeps the libstdc++ flags, and the
+# installed difftrainConfig.cmake appends the TORCH_LIBRARIES of the consumer's find_package(Torch)
+# (TORCH_LIBRARIES holds absolute paths into this LibTorch, which must not be baked in).
 add_library(difftrain_torch INTERFACE)
 add_library(difftrain::torch ALIAS difftrain_torch)
-target_link_libraries(difftrain_torch INTERFACE "-Wl,--push-state,--no-as-needed" stdc++ "-Wl,--pop-state" ${TORCH_LIBRARIES})
+set_target_properties(difftrain_torch PROPERTIES EXPORT_NAME torch)
+target_link_libraries(difftrain_torch INTERFACE "-Wl,--push-state,--no-as-needed" stdc++ "-Wl,--pop-state")
+foreach(_lib IN LISTS TORCH_LIBRARIES)
+  target_link_libraries(difftrain_torch INTERFACE $<BUILD_INTERFACE:${_lib}>)
+endforeach()
 
 if(TARGET torch_cuda OR TARGET c10_cuda OR CAFFE2_USE_CUDA)
   set(DIFFTRAIN_WITH_CUDA ON)

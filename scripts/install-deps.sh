@@ -5,6 +5,7 @@
 # Debian packages (build tools, header/library dependencies, the built-in dataset):
 #   cmake g++ ninja-build make pkg-config libcli11-dev libspdlog-dev nlohmann-json3-dev
 #   libgtest-dev libgloo-dev (headers only: LibTorch carries Gloo itself) zlib1g-dev libstb-dev
+#   clang-format (scripts/check-format.sh, a ctest)
 #   dataset-fashion-mnist python3 python3-venv (the last only
 #   when venv is missing); clang and libclang-rt-dev only for scripts/fuzz.sh, which installs them
 # PyPI, into .venv (versions pinned in scripts/requirements.txt):
@@ -21,7 +22,7 @@ log() { printf '[install-deps] %s\n' "$*" >&2; }
 
 
 # ---- Debian packages ------------------------------------------------------------------------
-packages=(cmake g++ ninja-build make pkg-config libcli11-dev libspdlog-dev nlohmann-json3-dev libgtest-dev libgloo-dev
+packages=(cmake g++ ninja-build make pkg-config libcli11-dev libspdlog-dev nlohmann-json3-dev libgtest-dev libgloo-dev clang-format
           zlib1g-dev libstb-dev dataset-fashion-mnist)
 if ! command -v "$python" >/dev/null; then
   packages+=(python3 python3-venv)
