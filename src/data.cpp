@@ -15,6 +15,7 @@
 #include <ATen/ops/upsample_bilinear2d.h>
 #include <ATen/ops/where.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "difftrain/log.h"
 
@@ -111,7 +112,8 @@ Sample ArrayDataset::get(int64_t i) const {
           array_.labels.empty() ? -1 : array_.labels[static_cast<size_t>(i)]};
 }
 
-ImageFolderDataset::ImageFolderDataset(const std::string& root, BadImagePolicy policy) : root_(root), policy_(policy) {
+ImageFolderDataset::ImageFolderDataset(const std::string& root, BadImagePolicy policy, int64_t min_side)
+    : root_(root), policy_(policy) {
   std::error_code ec;
   if (!fs::is_directory(root, ec)) throw FormatError(fmt::format("data.path {}: not a directory", root));
   std::vector<fs::path> subdirs, flat;
@@ -143,6 +145,38 @@ ImageFolderDataset::ImageFolderDataset(const std::string& root, BadImagePolicy p
              flat.size());
   }
   if (files_.empty()) throw FormatError(fmt::format("data.path {}: no PNG or JPEG files (searched it and its subfolders)", root));
+
+  // Every header now, so that a bad file stops the run before training rather than at the epoch that reaches it.
+  std::vector<std::string> good;
+  std::vector<int64_t> good_labels;
+  for (size_t i = 0; i < files_.size(); ++i) {
+    try {
+      const auto info = formats::check_image_file(files_[i]);
+      if (std::min(info.height, info.width) < min_side)
+        throw FormatError(fmt::format("{}: {}x{} is smaller than data.resolution = {} and data.allow_upscale is false", files_[i],
+                                      info.width, info.height, min_side));
+      good.push_back(files_[i]);
+      good_labels.push_back(labels_[i]);
+    } catch (const FormatError& e) {
+      left_out_.push_back(e.what());
+    }
+  }
+  if (left_out_.empty()) return;
+  const size_t n = left_out_.size();
+  if (policy_ == BadImagePolicy::skip && !good.empty()) {
+    log_warn("data.path {}: leaving out {} of {} image files (data.on_bad_image = \"skip\"):\n  {}", root, n, files_.size(),
+             fmt::join(left_out_, "\n  "));
+    files_ = std::move(good);
+    labels_ = std::move(good_labels);
+    return;
+  }
+  constexpr size_t kShown = 20;  // in the error; the log has them all
+  if (n > kShown) log_error("data.path {}: all {} bad image files:\n  {}", root, n, fmt::join(left_out_, "\n  "));
+  const std::vector<std::string> shown(left_out_.begin(), left_out_.begin() + static_cast<std::ptrdiff_t>(std::min(n, kShown)));
+  throw FormatError(fmt::format(
+      "data.path {}: {} of {} image files cannot be used:\n  {}{}\n{}", root, n, files_.size(), fmt::join(shown, "\n  "),
+      n > kShown ? fmt::format("\n  ... and {} more (all listed in the log above)", n - kShown) : "",
+      good.empty() ? "none is usable" : "fix or remove them, or set data.on_bad_image = \"skip\" to leave them out"));
 }
 
 Sample ImageFolderDataset::get(int64_t index) const {
@@ -164,8 +198,9 @@ Sample ImageFolderDataset::get(int64_t index) const {
 }
 
 std::string ImageFolderDataset::describe() const {
-  return fmt::format("image folder {}: {} images, {}", root_, files_.size(),
-                     classes_.empty() ? std::string("unlabelled") : fmt::format("{} classes", classes_.size()));
+  return fmt::format("image folder {}: {} images, {}{}", root_, files_.size(),
+                     classes_.empty() ? std::string("unlabelled") : fmt::format("{} classes", classes_.size()),
+                     left_out_.empty() ? "" : fmt::format(" ({} bad files left out)", left_out_.size()));
 }
 
 SubsetDataset::SubsetDataset(std::shared_ptr<Dataset> base, std::vector<int64_t> indices)
@@ -178,7 +213,9 @@ std::shared_ptr<Dataset> open_dataset(const DataConfig& cfg) {
   switch (cfg.dataset) {
     case DatasetKind::idx: ds = open_idx(cfg); break;
     case DatasetKind::cifar10: ds = open_cifar10(cfg); break;
-    case DatasetKind::image_folder: ds = std::make_shared<ImageFolderDataset>(cfg.path, cfg.on_bad_image); break;
+    case DatasetKind::image_folder:
+      ds = std::make_shared<ImageFolderDataset>(cfg.path, cfg.on_bad_image, cfg.allow_upscale ? 0 : cfg.resolution);
+      break;
   }
   if (!cfg.allow_upscale && cfg.dataset != DatasetKind::image_folder) {  // one size for all: check it now
     const auto& img = ds->get(0).image;

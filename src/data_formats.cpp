@@ -1,5 +1,8 @@
 #include "difftrain/data_formats.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -18,9 +21,8 @@ namespace {
 
 std::string at_offset(const std::string& name, size_t offset) { return name + " (offset " + std::to_string(offset) + ")"; }
 
-uint32_t be32(const std::vector<uint8_t>& b, size_t off) {
-  return (uint32_t{b[off]} << 24) | (uint32_t{b[off + 1]} << 16) | (uint32_t{b[off + 2]} << 8) | uint32_t{b[off + 3]};
-}
+uint32_t be32(const uint8_t* p) { return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]}; }
+uint32_t be32(const std::vector<uint8_t>& b, size_t off) { return be32(b.data() + off); }
 
 // Parses the IDX header; returns the dimension sizes and checks the data length.
 std::vector<int64_t> idx_header(const std::vector<uint8_t>& b, const std::string& name, uint32_t want_dims) {
@@ -47,6 +49,74 @@ std::vector<int64_t> idx_header(const std::vector<uint8_t>& b, const std::string
     throw FormatError(name + ": IDX header promises " + std::to_string(total) + " data bytes but the file has " +
                       std::to_string(b.size() - header) + (b.size() - header < total ? " (truncated)" : " (trailing bytes)"));
   return dims;
+}
+
+constexpr uint8_t kPngSignature[] = {0x89, 'P', 'N', 'G', 0x0D, 0x0A, 0x1A, 0x0A};
+constexpr uint8_t kPngEnd[] = {0, 0, 0, 0, 'I', 'E', 'N', 'D', 0xAE, 0x42, 0x60, 0x82};  // IEND: length 0, type, CRC
+constexpr size_t kHeadBytes = size_t{1} << 16;  // check_image_file reads this much from the start ...
+constexpr size_t kTailBytes = 1024;             // ... and this much from the end (IEND, perhaps followed by padding)
+
+bool is_png(const uint8_t* d, size_t n) { return n >= 8 && std::memcmp(d, kPngSignature, 8) == 0; }
+bool is_jpeg(const uint8_t* d, size_t n) { return n >= 3 && d[0] == 0xFF && d[1] == 0xD8 && d[2] == 0xFF; }
+
+// The first bytes of a file that is not an image, as text when they are text, else in hex.
+std::string first_bytes(const uint8_t* d, size_t n) {
+  n = std::min<size_t>(n, 8);
+  if (std::all_of(d, d + n, [](uint8_t b) { return b >= 0x20 && b < 0x7F; })) return "\"" + std::string(d, d + n) + "\"";
+  std::string hex;
+  for (size_t i = 0; i < n; ++i) hex += (i ? " " : "") + std::string{"0123456789abcdef"[d[i] >> 4], "0123456789abcdef"[d[i] & 15]};
+  return hex;
+}
+
+// stb_image's reason for its last failure, never empty. A PNG chunk of unknown type fails with
+// "XXXX PNG chunk not known", built in place from the type's bytes; past the end of a truncated
+// file stb reads zeros, so the message is "" or a fragment such as "IDA".
+std::string stb_reason() {
+  const char* r = stbi_failure_reason();
+  const std::string s = r ? r : "";
+  if (s.size() >= 4) return s;
+  return "corrupt or cut-short data" + (s.empty() ? std::string(", stb_image gave no reason") : ", stb_image says \"" + s + "\"");
+}
+
+// check_image on the parts of a file: `head` its first bytes (all of them, or kHeadBytes), `tail`
+// its last ones (at most kTailBytes), `size` its length.
+ImageInfo check_parts(const uint8_t* head, size_t head_size, const uint8_t* tail, size_t tail_size, size_t size,
+                      const std::string& name) {
+  if (size == 0) throw FormatError(name + ": empty file (0 bytes)");
+  if (size >= (size_t{1} << 31)) throw FormatError(name + ": " + std::to_string(size) + " bytes, more than the 2 GiB an image may have");
+  // PNG and JPEG only: stb_image also reads formats (TGA, PSD, HDR, ...) whose headers can claim
+  // huge images that a few bytes then "fill" (found by fuzzing).
+  const bool png = is_png(head, head_size);
+  if (!png && !is_jpeg(head, head_size))
+    throw FormatError(name + ": not a PNG or JPEG file (it starts with " + first_bytes(head, head_size) + ")");
+  int64_t w = 0, h = 0, c = 0;
+  if (png) {  // signature, then the IHDR chunk: length 13, "IHDR", width, height, bit depth, colour type, ...
+    if (size < 33) throw FormatError(name + ": truncated PNG (" + std::to_string(size) + " bytes, shorter than its 33-byte header)");
+    if (be32(head + 8) != 13 || std::memcmp(head + 12, "IHDR", 4) != 0)
+      throw FormatError(at_offset(name, 8) + ": corrupt PNG (its first chunk is not the 13-byte IHDR header)");
+    w = be32(head + 16);
+    h = be32(head + 20);
+    const int colour = head[25];
+    c = colour == 0 ? 1 : colour == 4 ? 2 : colour == 2 || colour == 3 ? 3 : colour == 6 ? 4 : 0;
+    if (c == 0) throw FormatError(at_offset(name, 25) + ": corrupt PNG (colour type " + std::to_string(colour) + " does not exist)");
+  } else {  // markers up to the frame header (SOF)
+    int iw = 0, ih = 0, ic = 0;
+    if (!stbi_info_from_memory(head, static_cast<int>(head_size), &iw, &ih, &ic))
+      throw FormatError(name + ": unreadable JPEG header (no frame header stb_image reads: cut short, corrupt, or an "
+                               "unsupported kind such as arithmetic-coded or lossless JPEG)");
+    w = iw, h = ih, c = ic;
+  }
+  if (w == 0 || h == 0) throw FormatError(name + ": header claims " + std::to_string(w) + "x" + std::to_string(h) + " pixels");
+  // Real files carry at least a byte per few thousand pixels (deflate peaks near 1032:1).
+  const int64_t pixels = w * h;  // each below 2^32, so no overflow
+  if (pixels > (int64_t{1} << 28) || pixels > std::max<int64_t>(int64_t{1} << 22, 4096 * static_cast<int64_t>(size)))
+    throw FormatError(name + ": header claims " + std::to_string(w) + "x" + std::to_string(h) + " pixels, too many for a " +
+                      std::to_string(size) + "-byte file");
+  if (std::max(w, h) > 16 * std::min(w, h))  // training images are near square; this bounds the resize
+    throw FormatError(name + ": " + std::to_string(w) + "x" + std::to_string(h) + " has an aspect ratio beyond 16:1");
+  if (png && std::search(tail, tail + tail_size, std::begin(kPngEnd), std::end(kPngEnd)) == tail + tail_size)
+    throw FormatError(name + ": truncated PNG (" + std::to_string(size) + " bytes, no IEND chunk at the end: the file was cut short)");
+  return {c, h, w};
 }
 
 }  // namespace
@@ -128,26 +198,49 @@ ImageArray parse_cifar10(const std::vector<uint8_t>& bytes, const std::string& n
   return a;
 }
 
+ImageInfo check_image(const uint8_t* data, size_t size, const std::string& name) {
+  const size_t tail = std::min(size, kTailBytes);
+  return check_parts(data, size, data + size - tail, tail, size, name);
+}
+
+ImageInfo check_image_file(const std::string& path) {
+  struct File {
+    int fd;
+    ~File() { if (fd >= 0) ::close(fd); }
+  } file{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  const int fd = file.fd;
+  if (fd < 0) throw FormatError(path + ": cannot open (" + std::strerror(errno) + ")");
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw FormatError(path + ": cannot stat (" + std::strerror(errno) + ")");
+  const auto size = static_cast<size_t>(st.st_size);
+  auto read_at = [&](size_t offset, size_t n) {
+    std::vector<uint8_t> b(n);
+    for (size_t got = 0; got < n;) {
+      const ssize_t r = ::pread(fd, b.data() + got, n - got, static_cast<off_t>(offset + got));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) throw FormatError(path + ": read error" + (r < 0 ? std::string(" (") + std::strerror(errno) + ")" : " (the file shrank)"));
+      got += static_cast<size_t>(r);
+    }
+    return b;
+  };
+  const auto head = read_at(0, std::min(size, kHeadBytes));
+  if (head.size() == size) return check_image(head.data(), head.size(), path);
+  const auto tail = read_at(size - kTailBytes, kTailBytes);
+  try {
+    return check_parts(head.data(), head.size(), tail.data(), tail.size(), size, path);
+  } catch (const FormatError&) {
+    // A JPEG's frame header may lie beyond the first 64 KiB (large EXIF or ICC segments).
+    if (!is_jpeg(head.data(), head.size()) || size >= (size_t{1} << 28)) throw;
+    const auto all = read_at(0, size);
+    return check_image(all.data(), all.size(), path);
+  }
+}
+
 Image decode_image(const uint8_t* data, size_t size, const std::string& name) {
-  if (size == 0 || size >= (size_t{1} << 31)) throw FormatError(name + ": empty or oversized image file");
-  // PNG and JPEG only: stb_image also reads formats (TGA, PSD, HDR, ...) whose headers can claim
-  // huge images that a few bytes then "fill" (found by fuzzing).
-  static const uint8_t kPng[] = {0x89, 'P', 'N', 'G', 0x0D, 0x0A, 0x1A, 0x0A};
-  const bool png = size >= 8 && std::memcmp(data, kPng, 8) == 0;
-  const bool jpeg = size >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF;
-  if (!png && !jpeg) throw FormatError(name + ": not a PNG or JPEG file");
+  check_image(data, size, name);
   int w = 0, h = 0, c = 0;
-  if (!stbi_info_from_memory(data, static_cast<int>(size), &w, &h, &c))
-    throw FormatError(name + ": cannot decode image (" + stbi_failure_reason() + ")");
-  // Real files carry at least a byte per few thousand pixels (deflate peaks near 1032:1).
-  const int64_t pixels = static_cast<int64_t>(w) * h;
-  if (pixels > (int64_t{1} << 28) || pixels > std::max<int64_t>(int64_t{1} << 22, 4096 * static_cast<int64_t>(size)))
-    throw FormatError(name + ": header claims " + std::to_string(w) + "x" + std::to_string(h) + " pixels, too many for a " +
-                      std::to_string(size) + "-byte file");
   std::unique_ptr<stbi_uc, void (*)(void*)> px(stbi_load_from_memory(data, static_cast<int>(size), &w, &h, &c, 0), stbi_image_free);
-  if (!px) throw FormatError(name + ": cannot decode image (" + stbi_failure_reason() + ")");
-  if (std::max(w, h) > 16 * std::min(w, h))  // training images are near square; this bounds the resize
-    throw FormatError(name + ": " + std::to_string(w) + "x" + std::to_string(h) + " has an aspect ratio beyond 16:1");
+  if (!px) throw FormatError(name + ": cannot decode image (" + stb_reason() + ")");
   Image img;
   img.channels = c;
   img.height = h;

@@ -233,24 +233,121 @@ TEST_F(Data, ImageFolderLabelsFromSubfolders) {
             std::string::npos);
 }
 
+// The bytes of a 4x4 RGB PNG with pixel value `value`.
+std::vector<uint8_t> png_bytes(uint8_t value) {
+  const std::vector<uint8_t> px(3 * 4 * 4, value);
+  return formats::encode_png(px.data(), /*channels=*/3, /*height=*/4, /*width=*/4);
+}
+
 TEST_F(Data, ExtremeAspectRatiosAreBadImages) {
   write_png(dir_ / "w/a/wide.png", 40, 2, 1, 5);  // 20:1 would resize to a huge strip
   write_png(dir_ / "w/a/ok.png", 4, 4, 1, 9);
-  EXPECT_NE(error_of([&] { ImageFolderDataset((dir_ / "w").string(), BadImagePolicy::fail).get(1); }).find("beyond 16:1"),
-            std::string::npos);
+  const std::string err = error_of([&] { ImageFolderDataset((dir_ / "w").string(), BadImagePolicy::fail); });
+  EXPECT_NE(err.find("wide.png: 40x2 has an aspect ratio beyond 16:1"), std::string::npos) << err;
   ImageFolderDataset lenient((dir_ / "w").string(), BadImagePolicy::skip);
-  EXPECT_EQ(lenient.get(1).image[0][0][0].item<int>(), 9);  // wide.png (index 1) skipped to the next good one
+  ASSERT_EQ(lenient.size(), 1);
+  EXPECT_EQ(lenient.get(0).image[0][0][0].item<int>(), 9);
 }
 
+// All bad files are found when the folder is opened, each named with its reason, in one error.
+TEST_F(Data, BadImageFilesAreAllNamedAtOpen) {
+  for (int i = 0; i < 5; ++i) write(dir_ / "f/a" / ("good" + std::to_string(i) + ".png"), png_bytes(static_cast<uint8_t>(10 * i)));
+  const auto png = png_bytes(7);
+  write(dir_ / "f/a/text.png", {'h', 'e', 'l', 'l', 'o', ' ', 'w', 'o', 'r', 'l', 'd', '\n'});
+  write(dir_ / "f/a/cut.png", std::vector<uint8_t>(png.begin(), png.begin() + static_cast<std::ptrdiff_t>(png.size() / 2)));
+  write(dir_ / "f/b/empty.png", {});
+  write(dir_ / "f/b/fake.jpg", {0xFF, 0xD8, 0xFF, 0xE0, 0, 2, 0xFF, 0xD9});  // JPEG markers, no frame header
+  write_png(dir_ / "f/b/small.png", 3, 3, 1, 0);  // below min_side = 4
+  const std::string root = (dir_ / "f").string();
+  const std::string err = error_of([&] { ImageFolderDataset(root, BadImagePolicy::fail, /*min_side=*/4); });
+  EXPECT_NE(err.find("5 of 10 image files cannot be used"), std::string::npos) << err;
+  for (const char* expected : {"text.png: not a PNG or JPEG file (it starts with \"hello wo\")",
+                               "cut.png: truncated PNG", "empty.png: empty file (0 bytes)", "fake.jpg: unreadable JPEG header",
+                               "small.png: 3x3 is smaller than data.resolution = 4 and data.allow_upscale is false"})
+    EXPECT_NE(err.find(expected), std::string::npos) << expected << " not in:\n" << err;
+  EXPECT_NE(err.find("data.on_bad_image = \"skip\""), std::string::npos) << err;
+
+  ImageFolderDataset lenient(root, BadImagePolicy::skip, /*min_side=*/4);
+  EXPECT_EQ(lenient.size(), 5);
+  EXPECT_EQ(lenient.left_out().size(), 5u);
+  EXPECT_EQ(lenient.classes(), (std::vector<std::string>{"a", "b"}));  // labels keep their numbers
+  for (int64_t i = 0; i < lenient.size(); ++i) EXPECT_EQ(lenient.get(i).image[0][0][0].item<int>(), 10 * i);
+  EXPECT_NE(lenient.describe().find("5 bad files left out"), std::string::npos) << lenient.describe();
+  // Without min_side, small.png is good.
+  EXPECT_EQ(ImageFolderDataset(root, BadImagePolicy::skip).size(), 6);
+  // All of them bad: an error even when skipping.
+  fs::remove_all(dir_ / "f/a");
+  EXPECT_NE(error_of([&] { ImageFolderDataset(root, BadImagePolicy::skip, 4); }).find("none is usable"), std::string::npos);
+}
+
+TEST_F(Data, ManyBadFilesAreCappedInTheMessage) {
+  write(dir_ / "m/good.png", png_bytes(1));
+  for (int i = 0; i < 25; ++i) write(dir_ / "m" / ("bad" + std::to_string(100 + i) + ".png"), {'x'});
+  const std::string err = error_of([&] { ImageFolderDataset((dir_ / "m").string(), BadImagePolicy::fail); });
+  EXPECT_NE(err.find("25 of 26 image files cannot be used"), std::string::npos) << err;
+  EXPECT_NE(err.find("bad119.png"), std::string::npos) << err;      // the 20th, sorted
+  EXPECT_EQ(err.find("bad120.png"), std::string::npos) << err;      // the 21st: in the log only
+  EXPECT_NE(err.find("... and 5 more (all listed in the log above)"), std::string::npos) << err;
+}
+
+// A file that passes the header check but fails to decode: on_bad_image applies when it is read.
 TEST_F(Data, UndecodableImagesFailOrAreSkipped) {
   write_png(dir_ / "f/a/ok.png", 4, 4, 1, 7);
-  write(dir_ / "f/a/broken.png", {0x89, 'P', 'N', 'G', 1, 2, 3});
+  auto png = png_bytes(3);
+  ASSERT_EQ(std::string(png.begin() + 37, png.begin() + 41), "IDAT");
+  png[41] = 0;  // the zlib header (CMF byte) of the pixel data
+  write(dir_ / "f/a/broken.png", png);
   ImageFolderDataset strict((dir_ / "f").string(), BadImagePolicy::fail);
+  EXPECT_EQ(strict.size(), 2);
   const std::string err = error_of([&] { strict.get(0); });  // sorted: broken.png first
-  EXPECT_NE(err.find("broken.png"), std::string::npos) << err;
+  EXPECT_NE(err.find("broken.png: cannot decode image (bad zlib header)"), std::string::npos) << err;
   ImageFolderDataset lenient((dir_ / "f").string(), BadImagePolicy::skip);
   EXPECT_EQ(lenient.get(0).image[0][0][0].item<int>(), 7);
   EXPECT_EQ(lenient.skipped(), 1);
+}
+
+// A truncated PNG once failed with "cannot decode image ()": stb_image's reason for an unknown
+// chunk type is built from the type's bytes, and past the end of the data those are zeros.
+TEST(Formats, DecodeErrorsAlwaysSayWhy) {
+  const auto png = png_bytes(5);
+  for (const size_t cut : {size_t{20}, size_t{40}, png.size() / 2, png.size() - 12, png.size() - 1}) {
+    SCOPED_TRACE(cut);
+    const std::vector<uint8_t> part(png.begin(), png.begin() + static_cast<std::ptrdiff_t>(cut));
+    try {
+      formats::decode_image(part.data(), part.size(), "cut.png");
+      ADD_FAILURE() << "accepted";
+    } catch (const formats::FormatError& e) {
+      EXPECT_NE(std::string(e.what()).find("cut.png: truncated PNG"), std::string::npos) << e.what();
+    }
+  }
+  // Ends well, but a zero chunk type before IEND: stb_image fails with "" as its reason.
+  auto zero_chunk = png;
+  zero_chunk.insert(zero_chunk.end() - 12, 12, 0);
+  try {
+    formats::decode_image(zero_chunk.data(), zero_chunk.size(), "zero.png");
+    ADD_FAILURE() << "accepted";
+  } catch (const formats::FormatError& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.find("()"), std::string::npos) << what;
+    EXPECT_NE(what.find("zero.png: cannot decode image (corrupt or cut-short data, stb_image gave no reason)"), std::string::npos)
+        << what;
+  }
+  // The file check agrees with the check in memory and reads only the ends of a large file.
+  const fs::path big = fs::temp_directory_path() / ("difftrain_big_" + std::to_string(::getpid()) + ".png");
+  std::vector<uint8_t> noise(3 * 256 * 256);
+  uint64_t state = 1;  // Knuth's MMIX LCG, top byte: incompressible enough
+  for (auto& v : noise) v = static_cast<uint8_t>((state = state * 6364136223846793005ULL + 1442695040888963407ULL) >> 56);
+  auto large = formats::encode_png(noise.data(), 3, 256, 256);
+  ASSERT_GT(large.size(), size_t{1} << 17);
+  std::ofstream(big, std::ios::binary).write(reinterpret_cast<const char*>(large.data()), static_cast<std::streamsize>(large.size()));
+  const auto info = formats::check_image_file(big.string());
+  EXPECT_EQ(info.channels, 3);
+  EXPECT_EQ(info.height, 256);
+  EXPECT_EQ(info.width, 256);
+  fs::resize_file(big, large.size() - 100);
+  EXPECT_THROW(formats::check_image_file(big.string()), formats::FormatError);
+  fs::remove(big);
+  EXPECT_THROW(formats::check_image_file(big.string()), formats::FormatError);  // gone: cannot open
 }
 
 TEST(Formats, OnlyPngAndJpegAndNoHugeClaims) {

@@ -198,7 +198,8 @@ struct DataConfig {
     v("crop", crop, "Crop to a square: center, or random per sample.");
     v("random_flip", random_flip, "Random horizontal flip.");
     v("allow_upscale", allow_upscale, "Allow images smaller than the resolution to be scaled up (else an error).");
-    v("on_bad_image", on_bad_image, "An undecodable image in an image folder: stop with an error, or skip it and report the count.");
+    v("on_bad_image", on_bad_image, "Bad files in an image folder (all checked at start: empty, not PNG/JPEG, truncated, too "
+      "small without allow_upscale; or failing to decode later): stop with an error naming them, or leave them out and log them.");
     v("subset", subset, "Use only the first N items; 0 = all.", {.min = 0});
     v("class_filter", class_filter, "Keep only these labels; empty = all.", {.min = 0});
     v("num_workers", num_workers, "Decode/augment threads.", {.min = 0, .max = 256});

@@ -56,20 +56,25 @@ class ArrayDataset : public Dataset {
 };
 
 // A folder of PNG/JPEG files. Labels come from the sorted subfolder names; a flat folder is
-// unlabelled. Files are decoded on demand; `on_bad_image` says what an undecodable one does.
+// unlabelled. Every file's header is checked at construction (formats::check_image_file), and
+// so is its shorter side against `min_side` (data.resolution when upscaling is not allowed); the
+// bad ones are all named in one error, or with BadImagePolicy::skip left out and listed in the
+// log. Files are decoded on demand; `on_bad_image` also says what one that then fails does.
 class ImageFolderDataset : public Dataset {
  public:
-  ImageFolderDataset(const std::string& root, BadImagePolicy on_bad_image);
+  ImageFolderDataset(const std::string& root, BadImagePolicy on_bad_image, int64_t min_side = 0);
   int64_t size() const override { return static_cast<int64_t>(files_.size()); }
   Sample get(int64_t index) const override;  // a skipped image is replaced by the next good one
   int64_t label(int64_t index) const override { return labels_.at(static_cast<size_t>(index)); }
   int64_t num_classes() const override { return static_cast<int64_t>(classes_.size()); }
   std::string describe() const override;
   const std::vector<std::string>& classes() const { return classes_; }
-  int64_t skipped() const { return skipped_.load(); }
+  const std::vector<std::string>& left_out() const { return left_out_; }  // "file: why", found bad at construction
+  int64_t skipped() const { return skipped_.load(); }                      // failed to decode since
 
  private:
   std::vector<std::string> files_;
+  std::vector<std::string> left_out_;
   std::vector<int64_t> labels_;
   std::vector<std::string> classes_;
   std::string root_;

@@ -44,7 +44,20 @@ std::vector<int64_t> parse_idx_labels(const std::vector<uint8_t>& bytes, const s
 // CIFAR-10 binary batch: records of 1 label byte (0..9) and 3072 pixel bytes (R, G, B planes of 32x32).
 ImageArray parse_cifar10(const std::vector<uint8_t>& bytes, const std::string& name);
 
-// PNG or JPEG (any format stb_image reads), with its own channel count.
+// What a PNG or JPEG header says, C x H x W as in Image.
+struct ImageInfo {
+  int64_t channels = 0, height = 0, width = 0;
+};
+
+// Checks an image without decoding its pixels: not empty, a PNG or JPEG signature, a header
+// stb_image reads, dimensions plausible for the file size and within 16:1, and for PNG the IEND
+// chunk that ends the file (a truncated PNG lacks it). Damage inside the compressed data shows
+// only when decoding; a truncated JPEG is not caught (stb_image decodes what is there).
+ImageInfo check_image(const uint8_t* data, size_t size, const std::string& name);
+// The same check on a file, reading only its first 64 KiB and last 12 bytes.
+ImageInfo check_image_file(const std::string& path);
+
+// PNG or JPEG, with its own channel count; check_image first, so its errors come first.
 Image decode_image(const uint8_t* data, size_t size, const std::string& name);
 
 // The order of `pixels` given to encode_png: planes (CHW, as Image) or interleaved (HWC).

@@ -13,6 +13,7 @@
 #include <torch/version.h>
 
 #include "difftrain/config.h"
+#include "difftrain/data_formats.h"
 
 namespace difftrain {
 namespace {
@@ -182,6 +183,50 @@ TEST_F(Cli, RuntimeErrorsExitTwo) {
   const Result data = run("train --dry-run --set run.output_dir=" + dir_.string() + " --set data.path=" + (dir_ / "nodata").string());
   EXPECT_EQ(data.code, 2);
   EXPECT_NE(data.err.find("nodata: no IDX train split"), std::string::npos) << data.err;
+}
+
+// An image folder with bad files among good ones: `train` and `--dry-run` both stop before the
+// first step, naming every bad file.
+TEST_F(Cli, BadImagesStopTheRunBeforeTraining) {
+  const fs::path data = dir_ / "images";
+  fs::create_directories(data);
+  auto write = [&](const std::string& name, const std::vector<uint8_t>& b) {
+    std::ofstream(data / name, std::ios::binary).write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
+  };
+  std::vector<uint8_t> px(3 * 8 * 8);
+  for (int i = 0; i < 16; ++i) {
+    for (size_t k = 0; k < px.size(); ++k) px[k] = static_cast<uint8_t>(i * 16 + k);
+    write("img" + std::to_string(10 + i) + ".png", formats::encode_png(px.data(), /*channels=*/3, /*height=*/8, /*width=*/8));
+  }
+  const auto png = formats::encode_png(px.data(), 3, 8, 8);
+  write("cut.png", std::vector<uint8_t>(png.begin(), png.end() - 20));
+  write("empty.png", {});
+  write("zzz_bad.png", {'n', 'o', 't', ' ', 'a', 'n', ' ', 'i', 'm', 'a', 'g', 'e'});
+  const std::string args =
+      "train --config " + config("quickstart.json") + " --device cpu --set run.output_dir=" + dir_.string() +
+      " --set run.num_threads=1 --set data.dataset=image_folder --set data.path=" + data.string() +
+      " --set data.resolution=8 --set data.channels=3 --set data.preload=false --set data.num_workers=0 --set model.sample_size=8"
+      " --set model.in_channels=3 --set model.out_channels=3 --set model.block_out_channels=[8,16]"
+      " --set 'model.down_block_types=[\"DownBlock2D\",\"DownBlock2D\"]' --set 'model.up_block_types=[\"UpBlock2D\",\"UpBlock2D\"]'"
+      " --set train.batch_size=4 --set train.max_steps=3 --set train.lr_warmup_steps=0 --set logging.log_every=1"
+      " --set logging.sample_every=0 --set checkpoint.every=1000 --set sampling.num_final_samples=0";
+  for (const std::string& mode : {std::string(" --dry-run"), std::string()}) {
+    SCOPED_TRACE(mode);
+    const Result r = run(args + mode);
+    EXPECT_EQ(r.code, 2) << r.err;
+    EXPECT_NE(r.err.find("3 of 19 image files cannot be used"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("cut.png: truncated PNG"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("empty.png: empty file (0 bytes)"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("zzz_bad.png: not a PNG or JPEG file (it starts with \"not an i\")"), std::string::npos) << r.err;
+    EXPECT_EQ((r.out + r.err).find("step 1/"), std::string::npos) << r.out << r.err;
+  }
+  // Skipped instead: the three are left out, logged, and the run trains.
+  const Result skip = run(args + " --set data.on_bad_image=skip --set run.name=skip");
+  EXPECT_EQ(skip.code, 0) << skip.err;
+  const std::string all = skip.out + skip.err;
+  EXPECT_NE(all.find("leaving out 3 of 19 image files"), std::string::npos) << all;
+  EXPECT_NE(all.find("16 images, unlabelled (3 bad files left out)"), std::string::npos) << all;
+  EXPECT_NE(all.find("step 3/3"), std::string::npos) << all;
 }
 
 TEST_F(Cli, CudaRequestWithoutCudaExitsOneBeforeTouchingDisk) {
