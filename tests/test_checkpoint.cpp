@@ -10,6 +10,7 @@
 
 #include "difftrain/checkpoint.h"
 #include "difftrain/sha256.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -118,7 +119,7 @@ TEST_F(CheckpointFiles, SafetensorsHeaderReadIndependently) {
 }
 
 TEST_F(CheckpointFiles, SafetensorsPackageReadsOurFile) {
-  const std::string python = DIFFTRAIN_PYTHON;
+  const std::string python = test::python();
   if (python.empty()) GTEST_SKIP() << "no venv python";
   const fs::path f = dir_ / "t.safetensors";
   save_safetensors(f, sample_tensors());

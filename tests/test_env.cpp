@@ -10,6 +10,7 @@
 
 #include "difftrain/env.h"
 #include "difftrain/errors.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -36,7 +37,7 @@ TEST(Env, VersionsAreConsistent) {
 
 // The same facts, asked of PyTorch in the venv (same wheel, independent code path).
 TEST(Env, AgreesWithPyTorch) {
-  const std::string python = DIFFTRAIN_PYTHON;
+  const std::string python = test::python();
   if (python.empty()) GTEST_SKIP() << "no project venv python";
   const std::string script =
       "import json, os, torch\n"

@@ -13,6 +13,7 @@
 #include <torch/version.h>
 
 #include "difftrain/config.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -45,11 +46,13 @@ class Cli : public ::testing::Test {
 
   Result run(const std::string& args) const {
     const fs::path out = dir_ / "stdout.txt", err = dir_ / "stderr.txt";
-    const std::string cmd = std::string(DIFFTRAIN_BIN) + " " + args + " >" + out.string() + " 2>" + err.string() + " </dev/null";
+    const std::string cmd = test::difftrain_bin() + " " + args + " >" + out.string() + " 2>" + err.string() + " </dev/null";
     const int status = std::system(cmd.c_str());
     return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
   }
-  std::string config(const std::string& name) const { return std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/" + name; }
+  std::string config(const std::string& name) const { return test::source_dir() + "/configs/" + name; }
+  // quickstart.json with the test data (these are dry runs: run.device = auto only picks a device).
+  std::string quickstart() const { return config("quickstart.json") + " --set data.path=" + test::fashion_mnist_dir(); }
 
   fs::path dir_;
 };
@@ -125,13 +128,13 @@ TEST_F(Cli, EnvReportsAsTextAndJson) {
 }
 
 TEST_F(Cli, DryRunPreparesTheRunDirectory) {
-  const std::string args = "--config " + config("quickstart.json") + " --set run.output_dir=" + dir_.string() + " --dry-run";
+  const std::string args = "--config " + quickstart() + " --set run.output_dir=" + dir_.string() + " --dry-run";
   const Result r = run(args);  // `difftrain --config X` is `difftrain train --config X`
   ASSERT_EQ(r.code, 0) << r.err;
   const fs::path run_dir = dir_ / "quickstart";
   ASSERT_TRUE(fs::exists(run_dir / "config.json"));
   const Config written = config_from_json(json::parse(slurp(run_dir / "config.json")));
-  EXPECT_EQ(written, load_config(config("quickstart.json"), {"run.output_dir=" + dir_.string()}));
+  EXPECT_EQ(written, load_config(config("quickstart.json"), {"data.path=" + test::fashion_mnist_dir(), "run.output_dir=" + dir_.string()}));
   const std::string log = slurp(run_dir / "train.log");
   EXPECT_NE(log.find("resolved config"), std::string::npos);
   EXPECT_NE(log.find("run.device = \"auto\" chose"), std::string::npos) << log;  // and says what it chose
@@ -145,7 +148,7 @@ TEST_F(Cli, DryRunPreparesTheRunDirectory) {
 }
 
 TEST_F(Cli, ResumeAndPlacementChangesReuseTheRunButOthersAreRefused) {
-  const std::string base = "train --dry-run --config " + config("quickstart.json") + " --set run.output_dir=" + dir_.string();
+  const std::string base = "train --dry-run --config " + quickstart() + " --set run.output_dir=" + dir_.string();
   ASSERT_EQ(run(base).code, 0);
   EXPECT_EQ(run(base + " --device cpu --set train.max_steps=6000 --set logging.log_every=10").code, 0);
   EXPECT_EQ(run(base + " --resume latest").code, 0);

@@ -3,6 +3,7 @@
 // latest checkpoint falls back, a changed model is refused, stop signals checkpoint and exit 75,
 // and a diverging run stops with an error.
 #include "e2e/train_run.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -31,7 +32,7 @@ TEST_F(Train, LossFallsAndTheRunDirectoryIsComplete) {
 // TensorBoard reads the run: every metrics.jsonl value, the sample images, histograms and the
 // config text, with the steps an interrupted first leg logged past its checkpoint purged.
 TEST_F(Train, TensorBoardReadsTheRunAcrossAResume) {
-  const std::string python = DIFFTRAIN_PYTHON;
+  const std::string python = test::python();
   if (python.empty()) GTEST_SKIP() << "no venv python with tensorboard";
   const std::vector<std::string> common = {"--set", "logging.sample_every=10", "--set", "logging.histogram_every=10",
                                            "--set", "checkpoint.every=20"};
@@ -39,7 +40,7 @@ TEST_F(Train, TensorBoardReadsTheRunAcrossAResume) {
   ASSERT_EQ(run(args("tb", 30, first), "first"), 0) << err("first");
   second.insert(second.end(), {"--resume", ckpt("tb", 20).string()});
   ASSERT_EQ(run(args("tb", 40, second), "second"), 0) << err("second");
-  const std::string cmd = python + " " + DIFFTRAIN_SOURCE_DIR + "/tests/tensorboard/check_training_run.py " +
+  const std::string cmd = python + " " + test::source_dir() + "/tests/tensorboard/check_training_run.py " +
                           (dir_ / "tb").string() + " 10 > " + (dir_ / "check.out").string() + " 2>&1";
   EXPECT_EQ(std::system(cmd.c_str()), 0) << slurp(dir_ / "check.out");
   EXPECT_NE(slurp(dir_ / "check.out").find(" 4 images, 8 histogram tags, 1 texts"), std::string::npos) << slurp(dir_ / "check.out");
