@@ -1,7 +1,8 @@
 // `difftrain train` end to end on a Fashion-MNIST subset: the loss falls, the run directory is
-// complete, resume is bit-exact (also after kill -9, and after a kill during a save), a corrupt
-// latest checkpoint falls back, a changed model is refused, stop signals checkpoint and exit 75,
-// and a diverging run stops with an error.
+// complete, resume is bit-exact (also after kill -9, and after a kill during a save) and reseeds
+// deterministically across device types, a corrupt latest checkpoint falls back, a changed model
+// is refused, stop signals checkpoint and exit 75, and a diverging run stops with an error.
+#include "difftrain/checkpoint.h"
 #include "e2e/train_run.h"
 #include "test_paths.h"
 
@@ -74,6 +75,43 @@ TEST_F(Train, ResumeIsBitExact) {
   EXPECT_NE(err("second").find("resumed from"), std::string::npos) << err("second");
   EXPECT_EQ(digests(ckpt("halves", 40)), digests(ckpt("straight", 40)));
   EXPECT_EQ(digests(ckpt("halves", 30)), digests(ckpt("straight", 30)));
+}
+
+// A checkpoint from another device type: here one whose generator states are marked as CUDA
+// ones (16-byte Philox states, as a GPU run writes them) resumed on the CPU. The streams that
+// cannot move are reseeded from run.seed and the step, with a warning, so two such resumes agree
+// to the bit; the result differs from the run that stayed on the CPU. A checkpoint from before
+// the device record (no rng metadata) still resumes bit-exactly.
+TEST_F(Train, ResumeOnAnotherDeviceReseedsDeterministically) {
+  ASSERT_EQ(run(args("straight", 20), "straight"), 0) << err("straight");
+  // step 10 of "straight" as a checkpoint of run `name` (run.name is part of a run's identity)
+  auto copy_for = [&](const std::string& name, bool from_cuda) {
+    Checkpoint c = load_checkpoint(ckpt("straight", 10));
+    auto config = json::parse(c.config);
+    config["run"]["name"] = name;
+    c.config = config.dump(2);
+    if (from_cuda) {
+      const at::Tensor philox = at::arange(16, at::kByte);  // (16) seed and offset, not a CPU state
+      at::Tensor cpu;
+      for (const auto& [state, t] : c.tensors.at("rng"))
+        if (state == "cpu") cpu = t;
+      c.tensors["rng"] = {{"trainer", philox}, {"cpu", cpu}, {"device", philox}};
+      c.metadata["rng"] = {{"trainer", "cuda"}, {"cpu", "cpu"}, {"device", "cuda"}};
+    } else {
+      c.metadata.erase("rng");
+    }
+    return save_checkpoint(dir_ / ("for_" + name), c);
+  };
+  for (const std::string name : {"x", "y"}) {
+    ASSERT_EQ(run(args(name, 20, {"--resume", copy_for(name, true).string()}), name), 0) << err(name);
+    EXPECT_NE(err(name).find("was written on cuda and this run is on cpu"), std::string::npos) << err(name);
+    EXPECT_NE(err(name).find("reseeded from run.seed and step 10"), std::string::npos) << err(name);
+  }
+  EXPECT_EQ(digests(ckpt("x", 20)), digests(ckpt("y", 20)));
+  EXPECT_NE(digests(ckpt("x", 20))["model.safetensors"], digests(ckpt("straight", 20))["model.safetensors"]);
+  ASSERT_EQ(run(args("legacy", 20, {"--resume", copy_for("legacy", false).string()}), "legacy"), 0) << err("legacy");
+  EXPECT_EQ(err("legacy").find("reseeded"), std::string::npos) << err("legacy");
+  EXPECT_EQ(digests(ckpt("legacy", 20)), digests(ckpt("straight", 20)));
 }
 
 TEST_F(Train, ResumeAfterKillNineIsBitExact) {
