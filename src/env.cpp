@@ -249,7 +249,10 @@ int local_cuda_device(int64_t local_rank, int64_t local_world_size, int device_c
     throw UsageError(fmt::format("environment: {}: the local rank must be in [0, local world size)", vars));
   if (device_count < 1) throw UsageError(fmt::format("{}: no CUDA device is visible to this rank (after CUDA_VISIBLE_DEVICES)", vars));
   if (requested) {
-    if (local_world_size == 1 || device_count == 1) return *requested;  // resolve_device checked it is visible
+    if (*requested < 0 || *requested >= device_count)
+      throw UsageError(fmt::format("run.device = \"cuda:{}\" but {} CUDA device(s) are visible to this rank ({})", *requested,
+                                   device_count, vars));
+    if (local_world_size == 1 || device_count == 1) return *requested;
     throw UsageError(fmt::format("run.device = \"cuda:{}\" would put all {} ranks of this node on one GPU ({}, {} CUDA devices "
                                  "visible); use run.device = cuda or auto, and each rank takes its own",
                                  *requested, local_world_size, vars, device_count));

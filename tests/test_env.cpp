@@ -171,6 +171,7 @@ TEST(Device, TooFewGpusForTheLocalRanksIsAnErrorNamingTheVariables) {
   EXPECT_NE(slurm.find("SLURM_LOCALID=1, SLURM_NTASKS_PER_NODE (or SLURM_TASKS_PER_NODE)=3"), std::string::npos) << slurm;
   EXPECT_NE(local_device_error(0, 2, 0, std::nullopt).find("no CUDA device is visible"), std::string::npos);
   EXPECT_NE(local_device_error(2, 2, 2, std::nullopt).find("local rank must be in [0, local world size)"), std::string::npos);
+  EXPECT_NE(local_device_error(0, 2, 1, 1).find("run.device = \"cuda:1\" but 1 CUDA device(s) are visible"), std::string::npos);
   const std::string fixed = local_device_error(1, 4, 4, 0);
   EXPECT_NE(fixed.find("run.device = \"cuda:0\" would put all 4 ranks of this node on one GPU"), std::string::npos) << fixed;
 }
