@@ -70,6 +70,29 @@ void remove_all_quietly(const fs::path& p) {
 
 std::string checkpoint_dir_name(int64_t step) { return fmt::format("step_{:08d}", step); }
 
+std::map<std::string, std::string> rng_state_devices(const Checkpoint& ckpt) {
+  const auto rng = ckpt.tensors.find("rng");
+  if (rng == ckpt.tensors.end()) return {};
+  const auto meta = ckpt.metadata.find("rng");
+  std::map<std::string, std::string> out;
+  if (meta == ckpt.metadata.end()) {  // before the record: a "device" state only when the run was on CUDA
+    bool on_cuda = false;
+    for (const auto& [name, t] : rng->second) on_cuda |= name == "device";
+    for (const auto& [name, t] : rng->second) out[name] = name == "cpu" || !on_cuda ? "cpu" : "cuda";
+    return out;
+  }
+  for (const auto& [name, t] : rng->second) {
+    const auto it = meta->second.find(name);
+    if (it == meta->second.end())
+      throw CheckpointError(fmt::format("rng.safetensors: generator state \"{}\" has no device type in the metadata", name));
+    if (it->second != "cpu" && it->second != "cuda")
+      throw CheckpointError(fmt::format("rng.safetensors: generator state \"{}\" is from device type \"{}\"; known: cpu, cuda", name,
+                                        it->second));
+    out[name] = it->second;
+  }
+  return out;
+}
+
 fs::path save_checkpoint(const fs::path& dir, const Checkpoint& ckpt) {
   std::error_code ec;
   fs::create_directories(dir, ec);
@@ -89,7 +112,8 @@ fs::path save_checkpoint(const fs::path& dir, const Checkpoint& ckpt) {
       files[file] = {{"bytes", bytes.size()}, {"sha256", sha256_hex(bytes.data(), bytes.size())}};
     };
     for (const auto& [stem, tensors] : ckpt.tensors) {
-      add(stem + ".safetensors", safetensors_bytes(tensors));
+      const auto meta = ckpt.metadata.find(stem);
+      add(stem + ".safetensors", safetensors_bytes(tensors, meta == ckpt.metadata.end() ? std::map<std::string, std::string>{} : meta->second));
       maybe_inject_fault(ckpt.step);
     }
     nlohmann::ordered_json state = ckpt.state;
@@ -157,8 +181,12 @@ Checkpoint load_checkpoint(const fs::path& path) {
     ckpt.config = read_text(path / "config.json");
     for (const auto& [file, info] : manifest.at("files").items()) {
       const std::string suffix = ".safetensors";
-      if (file.size() > suffix.size() && file.compare(file.size() - suffix.size(), suffix.size(), suffix) == 0)
-        ckpt.tensors[file.substr(0, file.size() - suffix.size())] = load_safetensors(path / file).tensors;
+      if (file.size() > suffix.size() && file.compare(file.size() - suffix.size(), suffix.size(), suffix) == 0) {
+        auto st = load_safetensors(path / file);
+        const std::string stem = file.substr(0, file.size() - suffix.size());
+        ckpt.tensors[stem] = std::move(st.tensors);
+        if (!st.metadata.empty()) ckpt.metadata[stem] = std::move(st.metadata);
+      }
     }
   } catch (const nlohmann::json::exception& e) {
     throw CheckpointError(fmt::format("checkpoint {}: {}", path.string(), e.what()));

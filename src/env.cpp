@@ -257,4 +257,30 @@ DeviceChoice resolve_device(const std::string& spec, const CudaStatus& cuda) {
                                cuda.gpus.size(), cuda.gpus.size() - 1));
 }
 
+int local_cuda_device(int64_t local_rank, int64_t local_world_size, int device_count, std::optional<int> requested,
+                      const std::string& launcher) {
+  const bool slurm = launcher == "slurm";
+  const std::string vars = fmt::format("{}={}, {}={}", slurm ? "SLURM_LOCALID" : "LOCAL_RANK", local_rank,
+                                       slurm ? "SLURM_NTASKS_PER_NODE (or SLURM_TASKS_PER_NODE)" : "LOCAL_WORLD_SIZE",
+                                       local_world_size);
+  if (local_rank < 0 || local_world_size < 1 || local_rank >= local_world_size)
+    throw UsageError(fmt::format("environment: {}: the local rank must be in [0, local world size)", vars));
+  if (device_count < 1) throw UsageError(fmt::format("{}: no CUDA device is visible to this rank (after CUDA_VISIBLE_DEVICES)", vars));
+  if (requested) {
+    if (*requested < 0 || *requested >= device_count)
+      throw UsageError(fmt::format("run.device = \"cuda:{}\" but {} CUDA device(s) are visible to this rank ({})", *requested,
+                                   device_count, vars));
+    if (local_world_size == 1 || device_count == 1) return *requested;
+    throw UsageError(fmt::format("run.device = \"cuda:{}\" would put all {} ranks of this node on one GPU ({}, {} CUDA devices "
+                                 "visible); use run.device = cuda or auto, and each rank takes its own",
+                                 *requested, local_world_size, vars, device_count));
+  }
+  if (device_count >= local_world_size) return static_cast<int>(local_rank);
+  if (device_count == 1) return 0;
+  throw UsageError(fmt::format("{} but {} CUDA device(s) are visible to this rank (after CUDA_VISIBLE_DEVICES): each rank needs "
+                               "its own GPU, so either every rank sees at least {} devices (GPU = local rank) or exactly one "
+                               "(srun --gpus-per-task=1). Start at most {} ranks per node, or change which GPUs each rank sees.",
+                               vars, device_count, local_world_size, device_count));
+}
+
 }  // namespace difftrain

@@ -256,15 +256,40 @@ void Trainer::resume_from(const fs::path& path) {
   optimizer_->load_state_dict(optim);
   if (scaler_) scaler_->load_state_dict(optim);
   const auto rng = part("rng");
-  set_generator_state(generator_, rng.at("trainer"));
+  const auto types = rng_state_devices(ckpt);
+  auto state_of = [&](const std::string& name) -> const at::Tensor& {
+    const auto it = rng.find(name);
+    if (it == rng.end()) throw CheckpointError(fmt::format("checkpoint {}: rng.safetensors has no {} state", path.string(), name));
+    return it->second;
+  };
+  auto restore = [&](at::Generator g, const std::string& name) {
+    try {
+      set_generator_state(g, state_of(name));
+    } catch (const c10::Error& e) {
+      throw CheckpointError(fmt::format("checkpoint {}: the {} generator state does not fit the {} generator: {}", path.string(),
+                                        name, g.device().str(), e.what_without_backtrace()));
+    }
+  };
+  const std::string here = c10::DeviceTypeName(opts_.device.type(), /*lower_case=*/true);
+  const std::string there = types.count("trainer") ? types.at("trainer") : "cpu";  // the trainer's generator lives on the run's device
   auto cpu = default_generator(c10::Device(c10::kCPU));
-  set_generator_state(cpu, rng.at("cpu"));
-  if (!opts_.device.is_cpu()) {
-    auto dev = default_generator(opts_.device);
-    const auto it = rng.find("device");
-    if (it == rng.end())
-      log_warn("checkpoint {} was written on the CPU; the {} generator starts from its seed", path.string(), opts_.device.str());
-    else set_generator_state(dev, it->second);
+  if (there == here) {
+    restore(generator_, "trainer");
+    restore(cpu, "cpu");
+    if (!opts_.device.is_cpu()) restore(default_generator(opts_.device), "device");
+  } else {
+    // A generator's state belongs to its device type (the CPU's Mersenne Twister, 5056 bytes;
+    // CUDA's Philox seed and offset, 16 bytes), so the t/ε stream and the dropout stream restart
+    // from seeds derived from run.seed, the rank and the step: deterministic, not bit-exact.
+    const auto seed = static_cast<uint64_t>(cfg_.run.seed), step = static_cast<uint64_t>(ckpt.step);
+    generator_.set_current_seed(derive_seed(derive_seed(seed, kGlobalBatchStream), step));
+    default_generator(opts_.device).set_current_seed(derive_seed(derive_seed(seed, static_cast<uint64_t>(rank_)), step));
+    if (!opts_.device.is_cpu()) restore(cpu, "cpu");  // a CPU state carries over; on a CPU run it is the dropout stream, reseeded
+    if (rank_ == 0)
+      log_warn("checkpoint {} was written on {} and this run is on {}: generator states do not carry over between device "
+               "types, so the timestep/noise stream and the dropout stream are reseeded from run.seed and step {}. The run "
+               "continues deterministically, but not bit-identically to one that stayed on {}.",
+               path.string(), there, here, ckpt.step, there);
   }
   step_ = ckpt.step;
   resume_loader_state_ = LoaderState{ckpt.state.at("loader").at("epoch").get<int64_t>(), ckpt.state.at("loader").at("batch").get<int64_t>()};
@@ -368,7 +393,12 @@ fs::path Trainer::save_checkpoint_now() {
   ckpt.tensors["optimizer"] = std::move(optim);
   NamedTensors rng = {{"trainer", generator_state(generator_)},
                       {"cpu", generator_state(default_generator(c10::Device(c10::kCPU)))}};
-  if (!opts_.device.is_cpu()) rng.emplace_back("device", generator_state(default_generator(opts_.device)));
+  const std::string device_type = c10::DeviceTypeName(opts_.device.type(), /*lower_case=*/true);
+  ckpt.metadata["rng"] = {{"trainer", device_type}, {"cpu", "cpu"}};  // each state's device type (rng_state_devices)
+  if (!opts_.device.is_cpu()) {
+    rng.emplace_back("device", generator_state(default_generator(opts_.device)));
+    ckpt.metadata["rng"]["device"] = device_type;
+  }
   ckpt.tensors["rng"] = std::move(rng);
   const auto ls = loader_->state();
   ckpt.state["loader"] = {{"epoch", ls.epoch}, {"batch", ls.batch}};

@@ -13,20 +13,25 @@
 #include <nlohmann/json.hpp>
 #include <torch/csrc/jit/serialization/pickle.h>
 
+#include "test_paths.h"
+
 namespace difftrain::test {
 
-// Directory with the reference files, or "" when there is no venv Python (the caller skips).
-// ctest makes them first (the make_reference fixture); a test run by hand makes them if missing.
+// Directory with the reference files, or "" when they are missing and there is no venv Python to
+// make them (the caller skips). ctest makes them first (the make_reference fixture); a test run by
+// hand makes them if missing. Files made elsewhere (DIFFTRAIN_TEST_REFERENCE_DIR) need no Python.
 inline std::string reference_dir() {
   static const std::string dir = [] {
-    const std::string python = DIFFTRAIN_PYTHON;
-    if (python.empty()) return std::string();
-    const std::filesystem::path out = DIFFTRAIN_REFERENCE_DIR;
-    const std::filesystem::path script = std::string(DIFFTRAIN_SOURCE_DIR) + "/tests/reference/make_reference.py";
+    const std::string python = test::python();
+    const std::filesystem::path out = test::reference_output_dir();
+    const std::filesystem::path script = test::source_dir() + "/tests/reference/make_reference.py";
     std::error_code ec;  // scheduler.json is written last; older than the script means stale
-    if (std::filesystem::exists(out / "scheduler.json") &&
-        std::filesystem::last_write_time(out / "scheduler.json", ec) >= std::filesystem::last_write_time(script, ec))
-      return out.string();
+    const auto made = std::filesystem::last_write_time(out / "scheduler.json", ec);
+    if (!ec) {
+      const auto script_time = std::filesystem::last_write_time(script, ec);
+      if (ec || made >= script_time) return out.string();  // no script here (a carried build): take them as they are
+    }
+    if (python.empty()) return std::string();
     const std::string cmd = python + " " + script.string() + " " + out.string() +
                             " >" + out.string() + ".log 2>&1";
     if (std::system(cmd.c_str()) != 0) {

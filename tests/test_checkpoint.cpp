@@ -10,6 +10,7 @@
 
 #include "difftrain/checkpoint.h"
 #include "difftrain/sha256.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -118,7 +119,7 @@ TEST_F(CheckpointFiles, SafetensorsHeaderReadIndependently) {
 }
 
 TEST_F(CheckpointFiles, SafetensorsPackageReadsOurFile) {
-  const std::string python = DIFFTRAIN_PYTHON;
+  const std::string python = test::python();
   if (python.empty()) GTEST_SKIP() << "no venv python";
   const fs::path f = dir_ / "t.safetensors";
   save_safetensors(f, sample_tensors());
@@ -176,6 +177,36 @@ TEST_F(CheckpointFiles, CheckpointRoundTripWithManifest) {
   EXPECT_EQ(back.config, "{\"run\": {}}\n");
   EXPECT_TRUE(torch::equal(back.tensors.at("model")[0].second, torch::full({2, 2}, 1000.0f)));
   for (const auto& e : fs::directory_iterator(dir_)) EXPECT_EQ(e.path().filename().string().rfind(".tmp", 0), std::string::npos);
+}
+
+// Generator states are device-specific, so each carries its device type; older checkpoints have
+// none, and the type is inferred from whether a "device" state (written only on CUDA) is there.
+TEST_F(CheckpointFiles, RngStatesCarryTheirDeviceType) {
+  Checkpoint c = make_checkpoint(10);
+  c.tensors["rng"] = {{"trainer", torch::zeros({16}, torch::kByte)}, {"cpu", torch::zeros({5056}, torch::kByte)},
+                      {"device", torch::zeros({16}, torch::kByte)}};
+  c.metadata["rng"] = {{"trainer", "cuda"}, {"cpu", "cpu"}, {"device", "cuda"}};
+  const auto back = load_checkpoint(save_checkpoint(dir_ / "new", c));
+  EXPECT_EQ(back.metadata.at("rng"), c.metadata.at("rng"));
+  EXPECT_EQ(rng_state_devices(back), (std::map<std::string, std::string>{{"trainer", "cuda"}, {"cpu", "cpu"}, {"device", "cuda"}}));
+
+  Checkpoint legacy = c;  // as written before the record: a "device" state means a CUDA run
+  legacy.metadata.clear();
+  EXPECT_EQ(rng_state_devices(load_checkpoint(save_checkpoint(dir_ / "legacy_cuda", legacy))),
+            (std::map<std::string, std::string>{{"trainer", "cuda"}, {"cpu", "cpu"}, {"device", "cuda"}}));
+  legacy.tensors["rng"].pop_back();
+  EXPECT_EQ(rng_state_devices(load_checkpoint(save_checkpoint(dir_ / "legacy_cpu", legacy))),
+            (std::map<std::string, std::string>{{"trainer", "cpu"}, {"cpu", "cpu"}}));
+
+  c.metadata["rng"]["device"] = "mps";
+  try {
+    rng_state_devices(c);
+    ADD_FAILURE() << "an unknown device type was accepted";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("generator state \"device\" is from device type \"mps\"; known: cpu, cuda"), std::string::npos) << e.what();
+  }
+  c.metadata["rng"].erase("device");
+  EXPECT_THROW(rng_state_devices(c), CheckpointError);
 }
 
 TEST_F(CheckpointFiles, CorruptAndIncompleteCheckpointsAreSkippedByLatest) {

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "difftrain/config.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -196,10 +197,10 @@ TEST(ConfigFile, TopLevelMustBeAnObject) {
 TEST(ConfigFile, PresetsAreValidAndMatchTheirPapers) {
   for (const char* name : {"quickstart", "fashion_mnist", "cifar10_ddpm"}) {
     SCOPED_TRACE(name);
-    EXPECT_NO_THROW(load_config(std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/" + name + ".json"));
+    EXPECT_NO_THROW(load_config(test::source_dir() + "/configs/" + name + ".json"));
   }
   // Ho et al. 2020, Appendix B: ch 128, multipliers (1, 2, 2, 2), 2 res blocks, attention at 16x16, dropout 0.1.
-  const Config ddpm = load_config(std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/cifar10_ddpm.json");
+  const Config ddpm = load_config(test::source_dir() + "/configs/cifar10_ddpm.json");
   EXPECT_EQ(ddpm.model.block_out_channels, (std::vector<int>{128, 256, 256, 256}));
   EXPECT_EQ(ddpm.model.layers_per_block, 2);
   EXPECT_EQ(ddpm.model.down_block_types[1], BlockType::AttnDownBlock2D);
@@ -208,7 +209,7 @@ TEST(ConfigFile, PresetsAreValidAndMatchTheirPapers) {
   // The quickstart file is the built-in default job.
   Config expected;
   expected.data.preload = true;  // Fashion-MNIST is 47 MB: the quickstart keeps it in memory (no loader threads)
-  EXPECT_EQ(load_config(std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/quickstart.json"), expected);
+  EXPECT_EQ(load_config(test::source_dir() + "/configs/quickstart.json"), expected);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -331,7 +332,7 @@ TEST(ConfigSuggest, EditDistance) {
 }
 
 TEST(ConfigDocs, ConfigMdIsCurrent) {
-  std::ifstream in(std::string(DIFFTRAIN_SOURCE_DIR) + "/docs/CONFIG.md");
+  std::ifstream in(test::source_dir() + "/docs/CONFIG.md");
   ASSERT_TRUE(in) << "docs/CONFIG.md is missing";
   std::stringstream ss;
   ss << in.rdbuf();

@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include "difftrain/data.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -156,8 +157,8 @@ TEST_F(Data, IdxCorruptionsAreNamedErrors) {
 }
 
 TEST_F(Data, RealFashionMnist) {
-  const fs::path root = "/usr/share/datasets/fashion-mnist";
-  if (!fs::exists(root)) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  const fs::path root = test::fashion_mnist_dir();
+  if (!fs::exists(root)) GTEST_SKIP() << root << " does not exist (install dataset-fashion-mnist or set DIFFTRAIN_TEST_DATA)";
   DataConfig c = idx_config(root);
   const auto train = open_dataset(c);
   c.split = Split::test;
@@ -457,7 +458,7 @@ LoaderOptions small_options(int64_t workers) {
 }
 
 TEST(Loader, ShardsMatchPyTorchsDistributedSampler) {
-  const std::string python = DIFFTRAIN_PYTHON;
+  const std::string python = test::python();
   if (python.empty()) GTEST_SKIP() << "no venv python";
   const std::string cmd = python +
                           " -c \"import json, torch.utils.data as d\n"

@@ -10,6 +10,7 @@
 
 #include "difftrain/env.h"
 #include "difftrain/errors.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -36,7 +37,7 @@ TEST(Env, VersionsAreConsistent) {
 
 // The same facts, asked of PyTorch in the venv (same wheel, independent code path).
 TEST(Env, AgreesWithPyTorch) {
-  const std::string python = DIFFTRAIN_PYTHON;
+  const std::string python = test::python();
   if (python.empty()) GTEST_SKIP() << "no project venv python";
   const std::string script =
       "import json, os, torch\n"
@@ -160,6 +161,41 @@ TEST(Device, AutoPicksCudaWhenUsableAndSaysWhyNot) {
   EXPECT_NE(cpu.note.find("no NVIDIA driver"), std::string::npos);
   EXPECT_EQ(resolve_device("cuda:1", status(CudaState::ok, 2)).device, c10::Device(c10::kCUDA, 1));
   EXPECT_TRUE(resolve_device("cpu", status(CudaState::ok, 2)).device.is_cpu());
+}
+
+std::string local_device_error(int64_t local_rank, int64_t local_world_size, int count, std::optional<int> requested,
+                               const std::string& launcher = "torchrun") {
+  try {
+    local_cuda_device(local_rank, local_world_size, count, requested, launcher);
+  } catch (const UsageError& e) {
+    return e.what();
+  }
+  return {};
+}
+
+TEST(Device, EachRankTakesItsLocalRankOrItsOnlyGpu) {
+  EXPECT_EQ(local_cuda_device(3, 4, 4, std::nullopt), 3);  // torchrun on a node of 4 GPUs
+  EXPECT_EQ(local_cuda_device(1, 2, 8, std::nullopt), 1);  // more GPUs than ranks
+  EXPECT_EQ(local_cuda_device(3, 4, 1, std::nullopt, "slurm"), 0);  // srun --gpus-per-task=1: each task sees its own
+  EXPECT_EQ(local_cuda_device(0, 1, 1, std::nullopt), 0);
+  // A fixed cuda:N where it cannot put two ranks on one GPU: one rank on the node, or one visible GPU.
+  EXPECT_EQ(local_cuda_device(0, 1, 4, 2), 2);
+  EXPECT_EQ(local_cuda_device(2, 4, 1, 0), 0);
+}
+
+TEST(Device, TooFewGpusForTheLocalRanksIsAnErrorNamingTheVariables) {
+  const std::string e = local_device_error(2, 4, 2, std::nullopt);
+  EXPECT_NE(e.find("LOCAL_RANK=2, LOCAL_WORLD_SIZE=4 but 2 CUDA device(s) are visible"), std::string::npos) << e;
+  EXPECT_NE(e.find("at most 2 ranks per node"), std::string::npos) << e;
+  // Rank 0 of the same node is refused as well: the node as a whole does not fit.
+  EXPECT_NE(local_device_error(0, 4, 2, std::nullopt).find("LOCAL_WORLD_SIZE=4"), std::string::npos);
+  const std::string slurm = local_device_error(1, 3, 2, std::nullopt, "slurm");
+  EXPECT_NE(slurm.find("SLURM_LOCALID=1, SLURM_NTASKS_PER_NODE (or SLURM_TASKS_PER_NODE)=3"), std::string::npos) << slurm;
+  EXPECT_NE(local_device_error(0, 2, 0, std::nullopt).find("no CUDA device is visible"), std::string::npos);
+  EXPECT_NE(local_device_error(2, 2, 2, std::nullopt).find("local rank must be in [0, local world size)"), std::string::npos);
+  EXPECT_NE(local_device_error(0, 2, 1, 1).find("run.device = \"cuda:1\" but 1 CUDA device(s) are visible"), std::string::npos);
+  const std::string fixed = local_device_error(1, 4, 4, 0);
+  EXPECT_NE(fixed.find("run.device = \"cuda:0\" would put all 4 ranks of this node on one GPU"), std::string::npos) << fixed;
 }
 
 TEST(Device, RealEnvironmentIsConsistent) {

@@ -18,6 +18,7 @@
 #include "difftrain/safetensors.h"
 #include "difftrain/scheduler.h"
 #include "numerics.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -191,7 +192,7 @@ class Export : public ::testing::Test {
   }
   // Runs tests/export/check_diffusers.py on case directories; false (and a failure) if it fails.
   bool check_with_diffusers(const std::vector<fs::path>& cases) const {
-    std::string cmd = fmt::format("{} {}/tests/export/check_diffusers.py", DIFFTRAIN_PYTHON, DIFFTRAIN_SOURCE_DIR);
+    std::string cmd = fmt::format("{} {}/tests/export/check_diffusers.py", test::python(), test::source_dir());
     for (const auto& c : cases) cmd += fmt::format(" {}", c.string());
     cmd += fmt::format(" >{} 2>&1", (dir_ / "python.log").string());
     if (std::system(cmd.c_str()) == 0) return true;
@@ -202,10 +203,10 @@ class Export : public ::testing::Test {
 };
 
 #define REQUIRE_PYTHON()                                      \
-  if (std::string(DIFFTRAIN_PYTHON).empty()) GTEST_SKIP() << "no venv python with diffusers (make test installs it)"
+  if (test::python().empty()) GTEST_SKIP() << "no venv python with diffusers (make test installs it)"
 
 TEST_F(Export, Cifar10PresetHasDiffusersKeyNamesAndShapes) {
-  const ModelConfig cfg = load_config(std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/cifar10_ddpm.json").model;
+  const ModelConfig cfg = load_config(test::source_dir() + "/configs/cifar10_ddpm.json").model;
   UNet2DModel m(cfg);
   export_diffusers(dir_, cfg, DiffusionConfig{}, parameters_of(m));
   const Header h = read_header(dir_ / kDiffusersWeightsFile);
@@ -389,7 +390,7 @@ TEST_F(Export, ExportIsDeterministic) {
 TEST_F(Export, AbsentConfigKeysTakeDiffusersDefaults) {
   REQUIRE_PYTHON();
   const std::string cmd = fmt::format("{} {}/tests/export/check_diffusers.py --signature-defaults {} >{} 2>&1",
-                                      DIFFTRAIN_PYTHON, DIFFTRAIN_SOURCE_DIR, (dir_ / "defaults.json").string(),
+                                      test::python(), test::source_dir(), (dir_ / "defaults.json").string(),
                                       (dir_ / "python.log").string());
   ASSERT_EQ(std::system(cmd.c_str()), 0) << slurp(dir_ / "python.log");
   json full = json::parse(slurp(dir_ / "defaults.json"));

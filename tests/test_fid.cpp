@@ -14,6 +14,7 @@
 #include "difftrain/fid.h"
 #include "difftrain/safetensors.h"
 #include "difftrain/sampling.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -175,7 +176,7 @@ struct TinyNet {
 // Made once per process by tests/fid/make_feature_net.py; nullopt without a venv Python.
 const std::optional<TinyNet>& tiny_net() {
   static const std::optional<TinyNet> net = []() -> std::optional<TinyNet> {
-    const std::string python = DIFFTRAIN_PYTHON;
+    const std::string python = test::python();
     if (python.empty()) return std::nullopt;
     const fs::path dir = fs::temp_directory_path() / fmt::format("difftrain_fidnet_{}", ::getpid());
     fs::create_directories(dir);
@@ -183,7 +184,7 @@ const std::optional<TinyNet>& tiny_net() {
       fs::path dir;
       ~Cleanup() { fs::remove_all(dir); }
     } cleanup{dir};
-    const std::string cmd = python + " " + DIFFTRAIN_SOURCE_DIR + "/tests/fid/make_feature_net.py " + (dir / "net.pt").string() +
+    const std::string cmd = python + " " + test::source_dir() + "/tests/fid/make_feature_net.py " + (dir / "net.pt").string() +
                             " " + (dir / "params.safetensors").string() + " >" + (dir / "log").string() + " 2>&1";
     if (std::system(cmd.c_str()) != 0) {
       std::ifstream log(dir / "log");

@@ -29,6 +29,7 @@
 #include "difftrain/data_formats.h"
 #include "difftrain/metrics.h"
 #include "difftrain/tensorboard.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -612,7 +613,7 @@ TEST_F(TensorBoard, ResumePurgesOrphanedSteps) {
 // SummaryWriter's output for the same calls.
 
 TEST_F(TensorBoard, RealTensorBoardReadsTheRun) {
-  const std::string python = DIFFTRAIN_PYTHON;
+  const std::string python = test::python();
   if (python.empty()) GTEST_SKIP() << "no venv python";
   const fs::path run = dir_ / "run";
   nlohmann::json ops = nlohmann::json::array();
@@ -669,7 +670,7 @@ TEST_F(TensorBoard, RealTensorBoardReadsTheRun) {
       {"texts", {{"config", {0}}}}};
   std::ofstream(dir_ / "expected.json") << nlohmann::json{{"ops", ops}, {"expect", expect}}.dump();
 
-  const std::string cmd = python + " " + DIFFTRAIN_SOURCE_DIR + "/tests/tensorboard/check_events.py " + run.string() + " " +
+  const std::string cmd = python + " " + test::source_dir() + "/tests/tensorboard/check_events.py " + run.string() + " " +
                           (dir_ / "expected.json").string() + " > " + (dir_ / "check.log").string() + " 2>&1";
   const int rc = std::system(cmd.c_str());
   const std::string log = slurp(dir_ / "check.log");

@@ -8,6 +8,7 @@
 #include "difftrain/unet.h"
 #include "numerics.h"
 #include "reference.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -56,7 +57,7 @@ TEST(UNetVsDiffusers, PresetParameterCounts) {
   DIFFTRAIN_REQUIRE_REFERENCE(dir);
   const auto counts = test::load_json(dir + "/param_counts.json");
   for (const char* preset : {"cifar10_ddpm", "fashion_mnist", "quickstart"}) {
-    const Config cfg = load_config(std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/" + preset + ".json");
+    const Config cfg = load_config(test::source_dir() + "/configs/" + preset + ".json");
     UNet2DModel model(cfg.model);
     EXPECT_EQ(count_parameters(*model), counts[preset].get<int64_t>()) << preset;
   }
@@ -64,7 +65,7 @@ TEST(UNetVsDiffusers, PresetParameterCounts) {
 
 TEST(UNet, Cifar10PresetHasThePublishedSize) {
   // Ho et al. 2020, Appendix B: "Our CIFAR10 model has 35.7 million parameters".
-  const Config cfg = load_config(std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/cifar10_ddpm.json");
+  const Config cfg = load_config(test::source_dir() + "/configs/cifar10_ddpm.json");
   UNet2DModel model(cfg.model);
   const double millions = static_cast<double>(count_parameters(*model)) / 1e6;
   EXPECT_NEAR(millions, 35.7, 0.05) << "rounds to 35.7M";

@@ -2,7 +2,8 @@
 //   model.safetensors      the weights, by diffusers UNet2DModel names
 //   ema.safetensors        the EMA weights (when EMA is on)
 //   optimizer.safetensors  AdamW moments and steps, loss-scaler state
-//   rng.safetensors        generator states (the trainer's, CPU, the CUDA device)
+//   rng.safetensors        generator states (the trainer's, CPU, the CUDA device), each with the
+//                          device type it came from in the metadata (see rng_state_devices)
 //   state.json             step, loader position, EMA step, format version
 //   config.json            the resolved config
 //   manifest.json          format, version, step, and size + SHA-256 of every file (written last)
@@ -37,9 +38,17 @@ struct Checkpoint {
   nlohmann::ordered_json state = nlohmann::ordered_json::object();  // state.json (step and version are added)
   std::string config;                                                // config.json
   std::map<std::string, NamedTensors> tensors;                       // file stem ("model") -> tensors
+  std::map<std::string, std::map<std::string, std::string>> metadata;  // file stem -> its safetensors __metadata__
 };
 
 std::string checkpoint_dir_name(int64_t step);  // "step_00001000"
+
+// The device type ("cpu" or "cuda") of each generator state in rng.safetensors: its metadata
+// names them. Checkpoints written before that record have none; there a "device" state means the
+// run was on CUDA (the only accelerator difftrain runs on), so "trainer" and "device" were CUDA
+// generators, and otherwise every state is a CPU one. CheckpointError for a state without a
+// type, or a type that is not cpu or cuda.
+std::map<std::string, std::string> rng_state_devices(const Checkpoint& ckpt);
 
 // Saves into dir/step_XXXXXXXX atomically and returns that path. An existing checkpoint of the
 // same step is replaced only after the new one is complete.

@@ -69,4 +69,16 @@ DeviceChoice resolve_device(const std::string& spec, const CudaStatus& cuda);
 // "cuda" -> 0, "cuda:N" -> N (N >= 0, digits only); anything else -> nullopt.
 std::optional<int> parse_device_index(const std::string& spec);
 
+// The GPU of one rank of a distributed run: rank `local_rank` of the `local_world_size` ranks on
+// this node, which sees `device_count` CUDA devices (after CUDA_VISIBLE_DEVICES). `requested` is
+// N of run.device = "cuda:N", nullopt for "cuda" and "auto". `launcher` ("torchrun" or "slurm")
+// picks the variable names in errors.
+//  - device_count >= local_world_size: GPU local_rank (torchrun, or srun with the node's GPUs visible);
+//  - exactly one visible: GPU 0 (srun --gpus-per-task=1 shows each task only its own GPU);
+//  - otherwise a UsageError naming the variables and the count.
+// cuda:N is taken only where it cannot put two ranks on one GPU: one rank on the node, or one
+// visible device.
+int local_cuda_device(int64_t local_rank, int64_t local_world_size, int device_count, std::optional<int> requested,
+                      const std::string& launcher = "torchrun");
+
 }  // namespace difftrain

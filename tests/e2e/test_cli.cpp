@@ -14,6 +14,7 @@
 
 #include "difftrain/config.h"
 #include "difftrain/data_formats.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -46,11 +47,13 @@ class Cli : public ::testing::Test {
 
   Result run(const std::string& args) const {
     const fs::path out = dir_ / "stdout.txt", err = dir_ / "stderr.txt";
-    const std::string cmd = std::string(DIFFTRAIN_BIN) + " " + args + " >" + out.string() + " 2>" + err.string() + " </dev/null";
+    const std::string cmd = test::difftrain_bin() + " " + args + " >" + out.string() + " 2>" + err.string() + " </dev/null";
     const int status = std::system(cmd.c_str());
     return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
   }
-  std::string config(const std::string& name) const { return std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/" + name; }
+  std::string config(const std::string& name) const { return test::source_dir() + "/configs/" + name; }
+  // quickstart.json with the test data (these are dry runs: run.device = auto only picks a device).
+  std::string quickstart() const { return config("quickstart.json") + " --set data.path=" + test::fashion_mnist_dir(); }
 
   fs::path dir_;
 };
@@ -126,13 +129,13 @@ TEST_F(Cli, EnvReportsAsTextAndJson) {
 }
 
 TEST_F(Cli, DryRunPreparesTheRunDirectory) {
-  const std::string args = "--config " + config("quickstart.json") + " --set run.output_dir=" + dir_.string() + " --dry-run";
+  const std::string args = "--config " + quickstart() + " --set run.output_dir=" + dir_.string() + " --dry-run";
   const Result r = run(args);  // `difftrain --config X` is `difftrain train --config X`
   ASSERT_EQ(r.code, 0) << r.err;
   const fs::path run_dir = dir_ / "quickstart";
   ASSERT_TRUE(fs::exists(run_dir / "config.json"));
   const Config written = config_from_json(json::parse(slurp(run_dir / "config.json")));
-  EXPECT_EQ(written, load_config(config("quickstart.json"), {"run.output_dir=" + dir_.string()}));
+  EXPECT_EQ(written, load_config(config("quickstart.json"), {"data.path=" + test::fashion_mnist_dir(), "run.output_dir=" + dir_.string()}));
   const std::string log = slurp(run_dir / "train.log");
   EXPECT_NE(log.find("resolved config"), std::string::npos);
   EXPECT_NE(log.find("run.device = \"auto\" chose"), std::string::npos) << log;  // and says what it chose
@@ -146,7 +149,7 @@ TEST_F(Cli, DryRunPreparesTheRunDirectory) {
 }
 
 TEST_F(Cli, ResumeAndPlacementChangesReuseTheRunButOthersAreRefused) {
-  const std::string base = "train --dry-run --config " + config("quickstart.json") + " --set run.output_dir=" + dir_.string();
+  const std::string base = "train --dry-run --config " + quickstart() + " --set run.output_dir=" + dir_.string();
   ASSERT_EQ(run(base).code, 0);
   EXPECT_EQ(run(base + " --device cpu --set train.max_steps=6000 --set logging.log_every=10").code, 0);
   EXPECT_EQ(run(base + " --resume latest").code, 0);
@@ -160,7 +163,7 @@ TEST_F(Cli, ResumeAndPlacementChangesReuseTheRunButOthersAreRefused) {
 // The built-in defaults with only max_steps = 20 (a smoke test): the default warmup (100) is capped
 // at the run's length and the log says so; a small model and data keep it short.
 TEST_F(Cli, ShortRunWithTheDefaultWarmupTrains) {
-  const Result r = run("train --device cpu --set run.output_dir=" + dir_.string() +
+  const Result r = run("train --device cpu --set run.output_dir=" + dir_.string() + " --set data.path=" + test::fashion_mnist_dir() +
                        " --set train.max_steps=20 --set run.num_threads=1 --set data.subset=64 --set data.resolution=16"
                        " --set model.sample_size=16 --set model.block_out_channels=16,32"
                        " --set model.down_block_types=DownBlock2D,DownBlock2D --set model.up_block_types=UpBlock2D,UpBlock2D"

@@ -1,6 +1,7 @@
 // Data-parallel training on the CPU over Gloo, two processes on this machine, through every
 // launch path: the variables by hand, scripts/launch.sh, and torchrun --no-python.
 #include "e2e/train_run.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -12,7 +13,7 @@ class Distributed : public TrainRun {
   // A port per test and process, so that parallel ctest runs do not collide.
   int port(int offset) const { return 20000 + static_cast<int>(::getpid() % 5000) * 8 + offset; }
   std::vector<std::string> launch(int nproc, int master_port, std::vector<std::string> command) const {
-    std::vector<std::string> a = {std::string(DIFFTRAIN_SOURCE_DIR) + "/scripts/launch.sh", "--nproc-per-node",
+    std::vector<std::string> a = {test::source_dir() + "/scripts/launch.sh", "--nproc-per-node",
                                   std::to_string(nproc), "--master-port", std::to_string(master_port), "--kill-grace", "5", "--"};
     a.insert(a.end(), command.begin(), command.end());
     return a;
@@ -64,7 +65,7 @@ TEST_F(Distributed, LaunchScriptTrainsCheckpointsAndResumesOnTwoRanks) {
 }
 
 TEST_F(Distributed, TorchrunNoPythonWorksUnchanged) {
-  const std::string python = DIFFTRAIN_PYTHON;
+  const std::string python = test::python();
   if (python.empty()) GTEST_SKIP() << "no venv with torchrun";
   const std::string torchrun = fs::path(python).parent_path() / "torchrun";
   std::vector<std::string> cmd = {torchrun, "--no-python", "--nproc-per-node", "2", "--master-port", std::to_string(port(3))};

@@ -17,6 +17,7 @@
 
 #include "difftrain/fid.h"
 #include "difftrain/safetensors.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -61,9 +62,9 @@ class Sample : public ::testing::Test {
 
   static std::vector<std::string> train_args(const std::string& name, int64_t steps, const std::vector<std::string>& extra) {
     std::vector<std::string> a = {
-        "train", "--config", std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/quickstart.json",
+        "train", "--config", test::source_dir() + "/configs/quickstart.json",
         "--set", "run.output_dir=" + root().string(), "--set", "run.name=" + name, "--set", "run.num_threads=1",
-        "--set", "data.subset=256", "--set", "data.resolution=16", "--set", "model.sample_size=16",
+        "--set", "run.device=cpu", "--set", "data.path=" + test::fashion_mnist_dir(), "--set", "data.subset=256", "--set", "data.resolution=16", "--set", "model.sample_size=16",
         "--set", "model.block_out_channels=[16, 32]", "--set", "model.down_block_types=[\"DownBlock2D\", \"AttnDownBlock2D\"]",
         "--set", "model.up_block_types=[\"AttnUpBlock2D\", \"UpBlock2D\"]", "--set", "data.num_workers=1",
         "--set", "train.batch_size=8", "--set", "train.max_steps=" + std::to_string(steps),
@@ -86,7 +87,7 @@ class Sample : public ::testing::Test {
     static int counter = 0;
     const fs::path out = root() / fmt::format("cmd{}.out", counter), err = root() / fmt::format("cmd{}.err", counter);
     ++counter;
-    std::string cmd = DIFFTRAIN_BIN;
+    std::string cmd = test::difftrain_bin();
     for (const auto& a : args) cmd += fmt::format(" {}", quote(a));
     cmd += fmt::format(" >{} 2>{} </dev/null", out.string(), err.string());
     const int status = std::system(cmd.c_str());
@@ -106,9 +107,9 @@ class Sample : public ::testing::Test {
     std::sort(names.begin(), names.end());
     return names;
   }
-  static bool have_python() { return !std::string(DIFFTRAIN_PYTHON).empty(); }
+  static bool have_python() { return !test::python().empty(); }
   static int python(const std::string& script_and_args, const fs::path& log) {
-    const std::string cmd = fmt::format("{} {}/{} >{} 2>&1", DIFFTRAIN_PYTHON, DIFFTRAIN_SOURCE_DIR, script_and_args, log.string());
+    const std::string cmd = fmt::format("{} {}/{} >{} 2>&1", test::python(), test::source_dir(), script_and_args, log.string());
     return std::system(cmd.c_str());
   }
   static fs::path ckpt(const std::string& name, int64_t step) {

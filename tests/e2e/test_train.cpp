@@ -1,8 +1,10 @@
 // `difftrain train` end to end on a Fashion-MNIST subset: the loss falls, the run directory is
-// complete, resume is bit-exact (also after kill -9, and after a kill during a save), a corrupt
-// latest checkpoint falls back, a changed model is refused, stop signals checkpoint and exit 75,
-// and a diverging run stops with an error.
+// complete, resume is bit-exact (also after kill -9, and after a kill during a save) and reseeds
+// deterministically across device types, a corrupt latest checkpoint falls back, a changed model
+// is refused, stop signals checkpoint and exit 75, and a diverging run stops with an error.
+#include "difftrain/checkpoint.h"
 #include "e2e/train_run.h"
+#include "test_paths.h"
 
 namespace difftrain {
 namespace {
@@ -31,7 +33,7 @@ TEST_F(Train, LossFallsAndTheRunDirectoryIsComplete) {
 // TensorBoard reads the run: every metrics.jsonl value, the sample images, histograms and the
 // config text, with the steps an interrupted first leg logged past its checkpoint purged.
 TEST_F(Train, TensorBoardReadsTheRunAcrossAResume) {
-  const std::string python = DIFFTRAIN_PYTHON;
+  const std::string python = test::python();
   if (python.empty()) GTEST_SKIP() << "no venv python with tensorboard";
   const std::vector<std::string> common = {"--set", "logging.sample_every=10", "--set", "logging.histogram_every=10",
                                            "--set", "checkpoint.every=20"};
@@ -39,7 +41,7 @@ TEST_F(Train, TensorBoardReadsTheRunAcrossAResume) {
   ASSERT_EQ(run(args("tb", 30, first), "first"), 0) << err("first");
   second.insert(second.end(), {"--resume", ckpt("tb", 20).string()});
   ASSERT_EQ(run(args("tb", 40, second), "second"), 0) << err("second");
-  const std::string cmd = python + " " + DIFFTRAIN_SOURCE_DIR + "/tests/tensorboard/check_training_run.py " +
+  const std::string cmd = python + " " + test::source_dir() + "/tests/tensorboard/check_training_run.py " +
                           (dir_ / "tb").string() + " 10 > " + (dir_ / "check.out").string() + " 2>&1";
   EXPECT_EQ(std::system(cmd.c_str()), 0) << slurp(dir_ / "check.out");
   EXPECT_NE(slurp(dir_ / "check.out").find(" 4 images, 8 histogram tags, 1 texts"), std::string::npos) << slurp(dir_ / "check.out");
@@ -73,6 +75,43 @@ TEST_F(Train, ResumeIsBitExact) {
   EXPECT_NE(err("second").find("resumed from"), std::string::npos) << err("second");
   EXPECT_EQ(digests(ckpt("halves", 40)), digests(ckpt("straight", 40)));
   EXPECT_EQ(digests(ckpt("halves", 30)), digests(ckpt("straight", 30)));
+}
+
+// A checkpoint from another device type: here one whose generator states are marked as CUDA
+// ones (16-byte Philox states, as a GPU run writes them) resumed on the CPU. The streams that
+// cannot move are reseeded from run.seed and the step, with a warning, so two such resumes agree
+// to the bit; the result differs from the run that stayed on the CPU. A checkpoint from before
+// the device record (no rng metadata) still resumes bit-exactly.
+TEST_F(Train, ResumeOnAnotherDeviceReseedsDeterministically) {
+  ASSERT_EQ(run(args("straight", 20), "straight"), 0) << err("straight");
+  // step 10 of "straight" as a checkpoint of run `name` (run.name is part of a run's identity)
+  auto copy_for = [&](const std::string& name, bool from_cuda) {
+    Checkpoint c = load_checkpoint(ckpt("straight", 10));
+    auto config = json::parse(c.config);
+    config["run"]["name"] = name;
+    c.config = config.dump(2);
+    if (from_cuda) {
+      const at::Tensor philox = at::arange(16, at::kByte);  // (16) seed and offset, not a CPU state
+      at::Tensor cpu;
+      for (const auto& [state, t] : c.tensors.at("rng"))
+        if (state == "cpu") cpu = t;
+      c.tensors["rng"] = {{"trainer", philox}, {"cpu", cpu}, {"device", philox}};
+      c.metadata["rng"] = {{"trainer", "cuda"}, {"cpu", "cpu"}, {"device", "cuda"}};
+    } else {
+      c.metadata.erase("rng");
+    }
+    return save_checkpoint(dir_ / ("for_" + name), c);
+  };
+  for (const std::string name : {"x", "y"}) {
+    ASSERT_EQ(run(args(name, 20, {"--resume", copy_for(name, true).string()}), name), 0) << err(name);
+    EXPECT_NE(err(name).find("was written on cuda and this run is on cpu"), std::string::npos) << err(name);
+    EXPECT_NE(err(name).find("reseeded from run.seed and step 10"), std::string::npos) << err(name);
+  }
+  EXPECT_EQ(digests(ckpt("x", 20)), digests(ckpt("y", 20)));
+  EXPECT_NE(digests(ckpt("x", 20))["model.safetensors"], digests(ckpt("straight", 20))["model.safetensors"]);
+  ASSERT_EQ(run(args("legacy", 20, {"--resume", copy_for("legacy", false).string()}), "legacy"), 0) << err("legacy");
+  EXPECT_EQ(err("legacy").find("reseeded"), std::string::npos) << err("legacy");
+  EXPECT_EQ(digests(ckpt("legacy", 20)), digests(ckpt("straight", 20)));
 }
 
 TEST_F(Train, ResumeAfterKillNineIsBitExact) {

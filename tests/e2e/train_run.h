@@ -23,6 +23,8 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "test_paths.h"
+
 extern char** environ;
 
 namespace difftrain::test {
@@ -49,12 +51,13 @@ class TrainRun : public ::testing::Test {
     if (!HasFailure()) fs::remove_all(dir_);
   }
 
-  // A small real job: 256 Fashion-MNIST images at 16x16, a two-level UNet with attention, batch 8.
+  // A small real job: 256 Fashion-MNIST images at 16x16, a two-level UNet with attention, batch 8,
+  // on the CPU (auto would take a GPU, where bit-exact reruns are not promised: atomics).
   std::vector<std::string> args(const std::string& name, int64_t max_steps, std::vector<std::string> extra = {}) const {
     std::vector<std::string> a = {
-        DIFFTRAIN_BIN, "train", "--config", std::string(DIFFTRAIN_SOURCE_DIR) + "/configs/quickstart.json",
+        difftrain_bin(), "train", "--config", source_dir() + "/configs/quickstart.json",
         "--set", "run.output_dir=" + dir_.string(), "--set", "run.name=" + name, "--set", "run.num_threads=1",
-        "--set", "data.subset=256", "--set", "data.resolution=16", "--set", "model.sample_size=16",
+        "--set", "run.device=cpu", "--set", "data.path=" + fashion_mnist_dir(), "--set", "data.subset=256", "--set", "data.resolution=16", "--set", "model.sample_size=16",
         "--set", "model.block_out_channels=[16, 32]", "--set", "model.down_block_types=[\"DownBlock2D\", \"AttnDownBlock2D\"]",
         "--set", "model.up_block_types=[\"AttnUpBlock2D\", \"UpBlock2D\"]", "--set", "data.num_workers=1",
         "--set", "train.batch_size=8", "--set", "train.max_steps=" + std::to_string(max_steps),

@@ -1,0 +1,29 @@
+// Every path a test uses, baked in at build time (tests/CMakeLists.txt) and each overridable by
+// an environment variable, so the test binaries also run where the build tree is not (carried to
+// a GPU machine at another path). README "Tests" lists the variables.
+#pragma once
+
+#include <cstdlib>
+#include <string>
+
+namespace difftrain::test {
+
+// The variable's value when it is set (even to "": DIFFTRAIN_TEST_PYTHON= means no Python), else
+// the value baked in.
+inline std::string path_from_env(const char* variable, const char* built_in) {
+  const char* v = std::getenv(variable);
+  return v ? std::string(v) : std::string(built_in);
+}
+
+// The source tree: configs/, scripts/, docs/, tests/*/*.py.
+inline std::string source_dir() { return path_from_env("DIFFTRAIN_TEST_SOURCE_DIR", DIFFTRAIN_SOURCE_DIR); }
+// The difftrain executable the e2e tests run.
+inline std::string difftrain_bin() { return path_from_env("DIFFTRAIN_TEST_BIN", DIFFTRAIN_BIN); }
+// The venv's python (diffusers, tensorboard, torchrun next to it); "" = none, those tests skip.
+inline std::string python() { return path_from_env("DIFFTRAIN_TEST_PYTHON", DIFFTRAIN_PYTHON); }
+// Where tests/reference/make_reference.py writes (or has written) the diffusers reference tensors.
+inline std::string reference_output_dir() { return path_from_env("DIFFTRAIN_TEST_REFERENCE_DIR", DIFFTRAIN_REFERENCE_DIR); }
+// Fashion-MNIST in IDX files (Debian's dataset-fashion-mnist), the data of every training test.
+inline std::string fashion_mnist_dir() { return path_from_env("DIFFTRAIN_TEST_DATA", "/usr/share/datasets/fashion-mnist"); }
+
+}  // namespace difftrain::test
