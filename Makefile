@@ -33,15 +33,16 @@ test: build
 	ctest --test-dir $(BUILD_DIR) --output-on-failure -j $(JOBS)
 	@$(MAKE) --no-print-directory test-cpu-paths
 
-# The numerics tests (label numerics: comparisons with diffusers and PyTorch) again on other CPU code
+# The numerics tests (the suites comparing with diffusers and PyTorch) again on other CPU code
 # paths: ATen's kernels with no vector ISA and for AVX2 (ATEN_CPU_CAPABILITY), and MKL's
 # vendor-neutral path, which AMD CPUs take (MKL_CBWR=COMPATIBLE). Each pass makes its own reference
 # in the same environment (the make_reference fixture).
 CPU_PATHS ?= ATEN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE
+NUMERICS_TESTS ?= ^(SchedulerVsDiffusers|Scheduler|UNetVsDiffusers|UNet|AdamW|LrSchedule|EMA|ClipGradNorm|GradScaler|Accumulation|Sampling|Export)\.
 test-cpu-paths: build
 	@for e in $(CPU_PATHS); do \
 	  echo "== numerics tests with $$e"; \
-	  env $$e ctest --test-dir $(BUILD_DIR) -L numerics --output-on-failure -j $(JOBS) || exit 1; \
+	  env $$e ctest --test-dir $(BUILD_DIR) -R '$(NUMERICS_TESTS)' --output-on-failure -j $(JOBS) || exit 1; \
 	done
 
 train: build

@@ -287,12 +287,12 @@ TEST(Accumulation, MicroBatchesEqualOneBatch) {
   NoiseSchedule schedule{SchedulerConfig{}};
   const auto x0 = torch::rand({8, 1, 8, 8}) * 2 - 1, noise = torch::randn({8, 1, 8, 8});
   const auto t = torch::randint(1000, {8}, torch::kLong);
-  auto grads_for = [&](int k, bool reversed = false) {
+  auto grads_for = [&](int k) {
     model->zero_grad();
-    const auto x0_in = reversed ? x0.flip(0) : x0, noise_in = reversed ? noise.flip(0) : noise, t_in = reversed ? t.flip(0) : t;
+    const auto dtype = model->parameters()[0].scalar_type();  // float32, or float64 for the exact gradient
     for (int i = 0; i < k; ++i) {
       const auto s = torch::indexing::Slice(i * 8 / k, (i + 1) * 8 / k);
-      const auto xs = x0_in.index({s}), ns = noise_in.index({s}), ts = t_in.index({s});
+      const auto xs = x0.index({s}).to(dtype), ns = noise.index({s}).to(dtype), ts = t.index({s});
       const auto out = model->forward(schedule.add_noise(xs, ns, ts), ts);
       const auto loss = diffusion_loss(out, schedule.training_target(xs, ns, ts), schedule.loss_weights(ts, 5.0)).mean() / k;
       loss.backward();
@@ -302,18 +302,18 @@ TEST(Accumulation, MicroBatchesEqualOneBatch) {
     return g;
   };
   const auto one = grads_for(1);
-  // Dividing by k = 2, 4 is exact, so accumulation only sums the same per-sample terms in another
-  // order, and the kernels may round a smaller batch otherwise. The size of such rounding is what
-  // the same batch in reverse order shows (the same sum, another order): the bound is a few times it.
-  const auto reversed = grads_for(1, /*reversed=*/true);
-  for (int k : {2, 4}) {
-    const auto acc = grads_for(k);
-    for (size_t i = 0; i < one.size(); ++i) {
-      const double order_noise = (reversed[i] - one[i]).abs().max().item<double>();
-      const double bound = 4 * order_noise + 8 * test::kFloatEps * one[i].abs().max().item<double>();
-      EXPECT_LE((acc[i] - one[i]).abs().max().item<double>(), bound) << "k = " << k << ", parameter " << i;
-    }
-  }
+  std::vector<std::vector<at::Tensor>> accumulated;
+  for (int k : {2, 4}) accumulated.push_back(grads_for(k));
+  model->to(torch::kDouble);
+  const auto exact = grads_for(1);
+  // Dividing by k = 2, 4 is exact, so accumulation sums the same per-sample terms in another order,
+  // and the kernels may round a smaller batch otherwise: float32 rounding either way, so each
+  // accumulated gradient is as close to the float64 gradient as the one-batch float32 one is
+  // (tests/numerics.h). Some gradients are pure rounding (a bias before a GroupNorm, which removes
+  // it), and this bound holds for them too.
+  for (size_t j = 0; j < accumulated.size(); ++j)
+    for (size_t i = 0; i < one.size(); ++i)
+      EXPECT_TRUE(test::as_accurate_as(accumulated[j][i], one[i], exact[i])) << "k = " << (j == 0 ? 2 : 4) << ", parameter " << i;
 }
 
 TEST(Seeds, DerivedSeedsDifferPerStreamAndAreStable) {
