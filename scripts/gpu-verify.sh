@@ -27,7 +27,9 @@
 #
 # Timeouts in seconds (environment): GPU_VERIFY_T_PREFLIGHT=40, _REBUILD=300, _ENV=25, _TESTS=150,
 # _E2E=100, _BENCH=165: 8 minutes without a rebuild (which skips the bench). GPU_VERIFY_BENCH_COMPILE=0 leaves out
-# torch.compile. PYTHON: the device's python (default python3).
+# torch.compile. PYTHON: the device's python (default python3). GPU_VERIFY_STAGES="env e2e" runs
+# only those stages (and preflight and rebuild, which the others need). GPU_VERIFY_DEVICE=cpu tests this script itself on a
+# machine without a GPU (no nvidia-smi; e2e, env and bench on the CPU, Gloo instead of NCCL).
 # The stage_* functions are called by name ("stage_$s"), which shellcheck cannot follow.
 # shellcheck disable=SC2317
 set -uo pipefail
@@ -65,6 +67,7 @@ version_ge() { [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -1)" = "$2" ]; 
 stage_preflight() {
   say "GPU:"
   if dry; then x nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  elif [ "$GV_DEV" = cpu ]; then say "  GPU_VERIFY_DEVICE=cpu: no GPU needed (a test of this script)"; gpu="CPU (GPU_VERIFY_DEVICE=cpu)"
   else
     gpu=$(x nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader) || fail "nvidia-smi failed"
     say "  $gpu"
@@ -100,7 +103,7 @@ stage_preflight() {
   read -r tv tgit tcuda tavail < <("$GV_PY" -c 'import torch; print(torch.__version__, torch.version.git_version, torch.version.cuda, torch.cuda.is_available())') \
     || fail "$GV_PY cannot import torch"
   say "  torch $tv, git $tgit, CUDA $tcuda, GPU available: $tavail"
-  dry || [ "$tavail" = True ] || fail "torch.cuda.is_available() is False"
+  dry || [ "$GV_DEV" = cpu ] || [ "$tavail" = True ] || fail "torch.cuda.is_available() is False"
   match="= stamp"
   if [ "$tgit" != "$(stamp_get torch_git_version)" ]; then
     match="!= stamp ($(stamp_get torch_version) $(stamp_get torch_git_version | cut -c1-10)): rebuild"
@@ -202,8 +205,8 @@ stage_env() {
     key "$(jq_env "$GV_WORK/env.json") (CPU, dry run)"
     return 0
   fi
-  x "$bin" env --device cuda || fail "difftrain env --device cuda: CUDA is not usable to difftrain"
-  xo "$GV_OUT/env.json" "$bin" env --json --device cuda || fail "difftrain env --json --device cuda"
+  x "$bin" env --device "$GV_DEV" || fail "difftrain env --device $GV_DEV: the device is not usable to difftrain"
+  xo "$GV_OUT/env.json" "$bin" env --json --device "$GV_DEV" || fail "difftrain env --json --device $GV_DEV"
   key "$(jq_env "$GV_OUT/env.json")"
 }
 jq_env() {
@@ -276,7 +279,7 @@ stage_e2e() {
   bin=$(bindir)/difftrain
   data=$(cat "$GV_WORK/datadir")
   runs=$GV_WORK/runs
-  common=(--config configs/quickstart.json --set run.device=cuda --set "data.path=$data" --set "run.output_dir=$runs"
+  common=(--config configs/quickstart.json --set "run.device=$GV_DEV" --set "data.path=$data" --set "run.output_dir=$runs"
           --set logging.progress=false --set logging.log_every=10 --set logging.sample_every=0 --set checkpoint.every=20
           --set train.lr_warmup_steps=5 --set sampling.num_final_samples=16 --set sampling.num_inference_steps=10)
   figures=()
@@ -307,14 +310,15 @@ stage_e2e() {
   dry || figures+=("fp16 loss $(loss_range "$runs/fp16")")
 
   say "difftrain sample:"
-  xr "$GV_WORK/sample.log" "$bin" sample --run "$runs/bf16" --checkpoint latest -n 16 --steps 10 --device cuda -o "$GV_WORK/samples" || { tail -20 "$GV_WORK/sample.log"; fail "difftrain sample failed"; }
+  xr "$GV_WORK/sample.log" "$bin" sample --run "$runs/bf16" --checkpoint latest -n 16 --steps 10 --device "$GV_DEV" -o "$GV_WORK/samples" || { tail -20 "$GV_WORK/sample.log"; fail "difftrain sample failed"; }
   dry || [ -f "$GV_WORK/samples/grid.png" ] || fail "difftrain sample wrote no grid.png"
   dry || figures+=("sample: $(find "$GV_WORK/samples" -name '*.png' | wc -l) PNGs")
 
-  say "NCCL, a world of 1 through torchrun:"
+  backend=nccl; [ "$GV_DEV" = cuda ] || backend=gloo
+  say "$backend, a world of 1 through torchrun:"
   xr "$GV_WORK/nccl.log" "$GV_PY" -m torch.distributed.run --standalone --nproc-per-node 1 --no-python "$bin" train "${common[@]}" \
-    --set run.name=nccl --set distributed.backend=nccl --set train.mixed_precision=bf16 --set train.max_steps=20 || { tail -20 "$GV_WORK/nccl.log"; fail "the NCCL run failed"; }
-  dry || figures+=("nccl world 1 ok")
+    --set run.name=nccl --set "distributed.backend=$backend" --set train.mixed_precision=bf16 --set train.max_steps=20 || { tail -20 "$GV_WORK/nccl.log"; fail "the NCCL run failed"; }
+  dry || figures+=("$backend world 1 ok")
   if dry; then key "4 runs (bf16 + SIGTERM + resume, fp16, sample, NCCL)"; else key "${figures[*]/%/;}"; fi
 }
 loss_range() {  # first and last train/loss in a run's metrics.jsonl
@@ -337,7 +341,7 @@ stage_bench() {
   for spec in "100|configs/cifar10_ddpm.json" "$((GV_T_BENCH - 108))|configs/quickstart.json data.path=$data train.mixed_precision=bf16"; do
     t=${spec%%|*} case_=${spec#*|}
     rc=0
-    xo "$GV_WORK/bench.one" timeout -k 5 "$t" bash scripts/bench/train.sh --build "$bin" --device cuda "${compile[@]}" "$case_" || rc=$?
+    xo "$GV_WORK/bench.one" timeout -k 5 "$t" bash scripts/bench/train.sh --build "$bin" --device "$GV_DEV" "${compile[@]}" "$case_" || rc=$?
     dry && continue
     if [ "$rc" != 0 ]; then rc_all=1; echo "train.sh '$case_': exit $rc$([ "$rc" = 124 ] && echo ' (timeout)')" >> "$GV_WORK/bench.md"; fi
     cat "$GV_WORK/bench.one" >> "$GV_WORK/bench.md"; echo >> "$GV_WORK/bench.md"
@@ -398,6 +402,7 @@ for d in "$site"/nvidia/*/lib; do [ -d "$d" ] && ld=$ld:$d; done
 export LD_LIBRARY_PATH=$ld${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PYTHONPATH=$work/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export PYTHON=$py  # scripts/bench/train.sh's python
+export GV_DEV=${GPU_VERIFY_DEVICE:-cuda}
 export GV_DRY=$dry_run GV_CARRY=$carry GV_OUT=$out GV_WORK=$work GV_PY=$py
 GV_PYABS=$("$py" -c 'import sys; print(sys.executable)'); export GV_PYABS
 export GV_T_PREFLIGHT=${GPU_VERIFY_T_PREFLIGHT:-40} GV_T_REBUILD=${GPU_VERIFY_T_REBUILD:-300} GV_T_ENV=${GPU_VERIFY_T_ENV:-25}
@@ -408,6 +413,7 @@ echo "# gpu-verify $([ "$dry_run" = 1 ] && echo '--dry-run ')$(date -u '+%F %H:%
 echo "# LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 rows=() overall=0
 for s in "${stages[@]}"; do
+  case " preflight rebuild ${GPU_VERIFY_STAGES:-${stages[*]}} " in *" $s "*) ;; *) rows+=("| $s | SKIP | 0 | not in GPU_VERIFY_STAGES |"); continue ;; esac
   t_var=GV_T_${s^^}; t=${!t_var}
   printf '\n=== %s (timeout %s s, %s)\n' "$s" "$t" "$(date -u +%H:%M:%S)"
   start=$(date +%s%N)
