@@ -25,11 +25,14 @@
 # checks, ldd and a start of each binary against a local torch, the wheel install, the data.
 # Exit 0 when the staged folder is complete and sound.
 #
-# Timeouts in seconds (environment): GPU_VERIFY_T_PREFLIGHT=40, _REBUILD=300, _ENV=25, _TESTS=150,
-# _E2E=100, _BENCH=165: 8 minutes without a rebuild (which skips the bench). GPU_VERIFY_BENCH_COMPILE=0 leaves out
-# torch.compile. PYTHON: the device's python (default python3). GPU_VERIFY_STAGES="env e2e" runs
-# only those stages (and preflight and rebuild, which the others need). GPU_VERIFY_DEVICE=cpu tests this script itself on a
-# machine without a GPU (no nvidia-smi; e2e, env and bench on the CPU, Gloo instead of NCCL).
+# Environment:
+#   GPU_VERIFY_T_PREFLIGHT=40, _REBUILD=300, _ENV=25, _TESTS=150, _E2E=100, _BENCH=165: the
+#       timeouts in seconds, 8 minutes without a rebuild (which skips the bench)
+#   GPU_VERIFY_BENCH_COMPILE=0  leave torch.compile out of the benchmark
+#   GPU_VERIFY_STAGES="env e2e" run only these stages (and preflight and rebuild, which they need)
+#   GPU_VERIFY_DEVICE=cpu       test this script itself without a GPU (no nvidia-smi; env, e2e and
+#                               bench on the CPU, Gloo instead of NCCL)
+#   PYTHON                      the machine's python with torch (default python3)
 # The stage_* functions are called by name ("stage_$s"), which shellcheck cannot follow.
 # shellcheck disable=SC2317
 set -uo pipefail
@@ -286,8 +289,7 @@ stage_e2e() {
 
   say "bf16, stopped by SIGTERM after the step-20 checkpoint, then --resume latest:"
   ck=$runs/bf16/checkpoints
-  q=$(printf '%q ' "$bin" train "${common[@]}" --set run.name=bf16 --set train.mixed_precision=bf16 --set train.max_steps=100000)
-  say "  \$ ${q% } > $GV_WORK/bf16.log 2>&1 &"
+  show " > $GV_WORK/bf16.log 2>&1 &" "$bin" train "${common[@]}" --set run.name=bf16 --set train.mixed_precision=bf16 --set train.max_steps=100000
   say "  (wait for $ck/step_00000020/manifest.json, then kill -TERM; expect exit 75)"
   if ! dry; then
     "$bin" train "${common[@]}" --set run.name=bf16 --set train.mixed_precision=bf16 --set train.max_steps=100000 > "$GV_WORK/bf16.log" 2>&1 &
