@@ -108,8 +108,8 @@ done
 [ ${#staged[@]} -gt 0 ] || die "no test binaries with labels '$labels' in $build_dir/tests"
 note "test binaries staged: ${staged[*]}"
 [ ${#skipped[@]} -eq 0 ] || note "left out (labels not in '$labels'): ${skipped[*]}"
-grep -q '^test_gpu	' "$carry_abs/tests.tsv" \
-  || note "WARNING: no test_gpu (label gpu) in $build_dir: gpu-verify.sh's test stage runs the unit tests only"
+awk -F'\t' '$2 == "gpu" {found = 1} END {exit !found}' "$carry_abs/tests.tsv" \
+  || note "WARNING: no test binary labelled gpu (tests/test_gpu.cpp) built in $build_dir: gpu-verify.sh tests the unit label only"
 
 # 3. The shared libraries the device lacks. Its PyTorch provides LibTorch and the CUDA, cuDNN and
 #    NCCL libraries (torch/lib, nvidia/*/lib); its system provides glibc, libstdc++ and libgcc_s.

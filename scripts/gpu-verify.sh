@@ -89,7 +89,8 @@ stage_preflight() {
     case $label in gpu|unit|e2e|distributed) ;; *) fail "tests.tsv: $name has an unknown label '$label'" ;; esac
     [[ $timeout =~ ^[0-9]+$ ]] || fail "tests.tsv: $name has a bad timeout '$timeout'"
   done < "$GV_CARRY/tests.tsv"
-  grep -q '^test_gpu	' "$GV_CARRY/tests.tsv" || say "  WARNING: no test_gpu staged: the gpu label is not tested"
+  awk -F'\t' '$2 == "gpu" {found = 1} END {exit !found}' "$GV_CARRY/tests.tsv" \
+    || say "  WARNING: no test binary labelled gpu (test_gpu) staged: the gpu label is not tested"
 
   say "the stamp:"
   declare -A want=(
@@ -274,6 +275,7 @@ stage_tests() {
   summary=$(awk -F'\t' '{split($4, p, "="); split($5, f, "="); split($6, s, "="); P[$2] += p[2]; F[$2] += f[2]; S[$2] += s[2];
                          if ($3 != "rc=0") bad[$2] = bad[$2] " " $1}
                         END {for (l in P) printf "%s %d passed, %d failed, %d skipped%s; ", l, P[l], F[l], S[l], bad[l] ? " (failing:" bad[l] ")" : ""}' "$GV_OUT/tests.txt")
+  awk -F'\t' '$2 == "gpu" {found = 1} END {exit !found}' "$GV_OUT/tests.txt" || summary="gpu: no test binary staged; $summary"
   key "${summary%; }"
   ! grep -qv $'\trc=0\t' "$GV_OUT/tests.txt"
 }
