@@ -213,7 +213,7 @@ lines = {
     "torch_git_version": torch.version.git_version,
     "torch_cuda": torch.version.cuda or "none",
     "cuda_arch_list": "$arch_list",
-    "difftrain_version": "$("$bin" --version 2>/dev/null | head -1 | awk '{print $NF}')",
+    "difftrain_version": "$("$bin" --version 2>/dev/null | head -1 | awk '{print $2}')",
     "source_commit": "$commit",
     "glibc_required": "$glibc_required",
     "glibcxx_required": "$glibcxx_required",
