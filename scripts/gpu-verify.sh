@@ -248,11 +248,11 @@ stage_tests() {
     dry && return 0
     local passed failed skipped
     passed=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test.*/\1/p' "$log" | tail -1)
-    failed=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) test.*/\1/p' "$log" | tail -1)
+    failed=$(grep -c '^\[  FAILED  \] [A-Za-z_0-9/]*\.[A-Za-z_0-9/]* (' "$log")  # --gtest_brief prints no count
     skipped=$(sed -n 's/^\[  SKIPPED \] \([0-9]*\) test.*/\1/p' "$log" | tail -1)
     printf '%s\t%s\trc=%s\tpassed=%s\tfailed=%s\tskipped=%s\t%ss\n' "$name" "$label" "$rc" "${passed:-0}" "${failed:-0}" \
       "${skipped:-0}" "$((SECONDS - start))" >> "$GV_OUT/tests.txt"
-    if [ "$rc" != 0 ]; then echo "--- $name (exit $rc$([ "$rc" = 124 ] && echo ": timed out after $t s")):"; grep -E '^\[  FAILED  \]|Failure|error' "$log" | head -30; fi
+    if [ "$rc" != 0 ]; then echo "--- $name (exit $rc$([ "$rc" = 124 ] && echo ": timed out after $t s")):"; grep -E '^\[  FAILED  \]|: Failure$' "$log" | head -20; tail -3 "$log"; fi
   }
   # The gpu label alone on the GPU, then the unit tests in parallel (ctest -j).
   jobs_max=$(( $(nproc) / 2 )); [ "$jobs_max" -ge 1 ] || jobs_max=1
