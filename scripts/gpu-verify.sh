@@ -197,7 +197,7 @@ stage_rebuild() {
     for t in "${targets[@]:1}"; do ln -sf "$build/tests/$t" "$GV_WORK/bin/$t"; done
     echo "$GV_WORK/bin" > "$GV_WORK/bindir"
   fi
-  key "rebuilt ${#targets[@]} targets against torch $("$GV_PY" -c 'import torch; print(torch.__version__)')"
+  key "$(dry && echo would rebuild || echo rebuilt) ${#targets[@]} targets against torch $("$GV_PY" -c 'import torch; print(torch.__version__)')"
 }
 
 stage_env() {
