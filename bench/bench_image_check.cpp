@@ -22,8 +22,9 @@ int main(int argc, char** argv) try {
   auto now = [] { return std::chrono::steady_clock::now(); };
   auto secs = [](auto d) { return std::chrono::duration<double>(d).count(); };
   auto report = [](const char* phase, size_t files, size_t bad, double s, double list_s) {
-    std::printf("{\"phase\": \"%s\", \"files\": %zu, \"bad\": %zu, \"seconds\": %.3f, \"us_per_file\": %.1f, \"vs_list\": %.2f}\n",
-                phase, files, bad, s, 1e6 * s / static_cast<double>(std::max<size_t>(files, 1)), s / list_s);
+    std::printf(
+        "{\"phase\": \"%s\", \"files\": %zu, \"bad\": %zu, \"seconds\": %.3f, \"us_per_file\": %.1f, \"vs_list\": %.2f}\n", phase,
+        files, bad, s, 1e6 * s / static_cast<double>(std::max<size_t>(files, 1)), s / list_s);
     std::fflush(stdout);
   };
   // 1. List: what ImageFolderDataset did before the check (directory walk, extension filter, sort).

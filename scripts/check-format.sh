@@ -44,7 +44,7 @@ git rev-parse --verify --quiet "$base^{commit}" >/dev/null || skip "no branch or
 merge_base=$(git merge-base HEAD "$base") || skip "HEAD and $base have no common ancestor"
 
 if [ "$mode" = fix ]; then
-  git clang-format --binary "$clang_format" --extensions cpp,h "$merge_base" -- || true
+  git clang-format --force --binary "$clang_format" --extensions cpp,h "$merge_base" -- || true  # --force: uncommitted files too
   exit 0
 fi
 out=$(git clang-format --binary "$clang_format" --extensions cpp,h --diff "$merge_base" --)

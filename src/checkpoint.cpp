@@ -86,8 +86,8 @@ std::map<std::string, std::string> rng_state_devices(const Checkpoint& ckpt) {
     if (it == meta->second.end())
       throw CheckpointError(fmt::format("rng.safetensors: generator state \"{}\" has no device type in the metadata", name));
     if (it->second != "cpu" && it->second != "cuda")
-      throw CheckpointError(fmt::format("rng.safetensors: generator state \"{}\" is from device type \"{}\"; known: cpu, cuda", name,
-                                        it->second));
+      throw CheckpointError(
+          fmt::format("rng.safetensors: generator state \"{}\" is from device type \"{}\"; known: cpu, cuda", name, it->second));
     out[name] = it->second;
   }
   return out;
@@ -113,7 +113,8 @@ fs::path save_checkpoint(const fs::path& dir, const Checkpoint& ckpt) {
     };
     for (const auto& [stem, tensors] : ckpt.tensors) {
       const auto meta = ckpt.metadata.find(stem);
-      add(stem + ".safetensors", safetensors_bytes(tensors, meta == ckpt.metadata.end() ? std::map<std::string, std::string>{} : meta->second));
+      add(stem + ".safetensors",
+          safetensors_bytes(tensors, meta == ckpt.metadata.end() ? std::map<std::string, std::string>{} : meta->second));
       maybe_inject_fault(ckpt.step);
     }
     nlohmann::ordered_json state = ckpt.state;

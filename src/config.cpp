@@ -366,7 +366,8 @@ const std::vector<Rule>& rules() {
       {"`run.name` uses only letters, digits, '.', '_' and '-' (it names a directory), and is not '.' or '..'.",
        [](const Config& c, Errors& e) {
          bool ok = c.run.name != "." && c.run.name != "..";
-         for (char ch : c.run.name) ok = ok && (std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '_' || ch == '-');
+         for (char ch : c.run.name)
+           ok = ok && (std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '_' || ch == '-');
          if (!ok && !c.run.name.empty())
            e.push_back(fmt::format("run.name: {} may only use letters, digits, '.', '_' and '-'", quoted(c.run.name)));
        }},
@@ -603,12 +604,15 @@ void adjust_defaults(const nlohmann::ordered_json& j, Config& cfg, std::vector<s
   const bool warmup_given = j.contains("train") && j["train"].is_object() && j["train"].contains("lr_warmup_steps");
   std::string note;
   if (warmup_given) {
-    note = fmt::format("train.lr_warmup_steps: {} exceeds train.max_steps = {}; the learning rate ends at {:.3g} of "
-                       "train.learning_rate", t.lr_warmup_steps, t.max_steps,
-                       static_cast<double>(t.max_steps - 1) / static_cast<double>(t.lr_warmup_steps));
+    note = fmt::format(
+        "train.lr_warmup_steps: {} exceeds train.max_steps = {}; the learning rate ends at {:.3g} of "
+        "train.learning_rate",
+        t.lr_warmup_steps, t.max_steps, static_cast<double>(t.max_steps - 1) / static_cast<double>(t.lr_warmup_steps));
   } else {
-    note = fmt::format("train.lr_warmup_steps: the default {} exceeds train.max_steps = {}; using {} (set it to keep "
-                       "another value)", t.lr_warmup_steps, t.max_steps, t.max_steps);
+    note = fmt::format(
+        "train.lr_warmup_steps: the default {} exceeds train.max_steps = {}; using {} (set it to keep "
+        "another value)",
+        t.lr_warmup_steps, t.max_steps, t.max_steps);
     t.lr_warmup_steps = t.max_steps;
   }
   if (notes) notes->push_back(std::move(note));

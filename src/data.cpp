@@ -198,9 +198,10 @@ Sample ImageFolderDataset::get(int64_t index) const {
 }
 
 std::string ImageFolderDataset::describe() const {
-  return fmt::format("image folder {}: {} images, {}{}", root_, files_.size(),
-                     classes_.empty() ? std::string("unlabelled") : fmt::format("{} classes", classes_.size()),
-                     left_out_.empty() ? "" : fmt::format(" ({} bad file{} left out)", left_out_.size(), left_out_.size() == 1 ? "" : "s"));
+  return fmt::format(
+      "image folder {}: {} images, {}{}", root_, files_.size(),
+      classes_.empty() ? std::string("unlabelled") : fmt::format("{} classes", classes_.size()),
+      left_out_.empty() ? "" : fmt::format(" ({} bad file{} left out)", left_out_.size(), left_out_.size() == 1 ? "" : "s"));
 }
 
 SubsetDataset::SubsetDataset(std::shared_ptr<Dataset> base, std::vector<int64_t> indices)

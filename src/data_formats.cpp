@@ -21,7 +21,9 @@ namespace {
 
 std::string at_offset(const std::string& name, size_t offset) { return name + " (offset " + std::to_string(offset) + ")"; }
 
-uint32_t be32(const uint8_t* p) { return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]}; }
+uint32_t be32(const uint8_t* p) {
+  return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
+}
 uint32_t be32(const std::vector<uint8_t>& b, size_t off) { return be32(b.data() + off); }
 
 // Parses the IDX header; returns the dimension sizes and checks the data length.
@@ -64,7 +66,8 @@ std::string first_bytes(const uint8_t* d, size_t n) {
   n = std::min<size_t>(n, 8);
   if (std::all_of(d, d + n, [](uint8_t b) { return b >= 0x20 && b < 0x7F; })) return "\"" + std::string(d, d + n) + "\"";
   std::string hex;
-  for (size_t i = 0; i < n; ++i) hex += (i ? " " : "") + std::string{"0123456789abcdef"[d[i] >> 4], "0123456789abcdef"[d[i] & 15]};
+  for (size_t i = 0; i < n; ++i)
+    hex += (i ? " " : "") + std::string{"0123456789abcdef"[d[i] >> 4], "0123456789abcdef"[d[i] & 15]};
   return hex;
 }
 
@@ -83,7 +86,8 @@ std::string stb_reason() {
 ImageInfo check_parts(const uint8_t* head, size_t head_size, const uint8_t* tail, size_t tail_size, size_t size,
                       const std::string& name) {
   if (size == 0) throw FormatError(name + ": empty file (0 bytes)");
-  if (size >= (size_t{1} << 31)) throw FormatError(name + ": " + std::to_string(size) + " bytes, more than the 2 GiB an image may have");
+  if (size >= (size_t{1} << 31))
+    throw FormatError(name + ": " + std::to_string(size) + " bytes, more than the 2 GiB an image may have");
   // PNG and JPEG only: stb_image also reads formats (TGA, PSD, HDR, ...) whose headers can claim
   // huge images that a few bytes then "fill" (found by fuzzing).
   const bool png = is_png(head, head_size);
@@ -91,19 +95,22 @@ ImageInfo check_parts(const uint8_t* head, size_t head_size, const uint8_t* tail
     throw FormatError(name + ": not a PNG or JPEG file (it starts with " + first_bytes(head, head_size) + ")");
   int64_t w = 0, h = 0, c = 0;
   if (png) {  // signature, then the IHDR chunk: length 13, "IHDR", width, height, bit depth, colour type, ...
-    if (size < 33) throw FormatError(name + ": truncated PNG (" + std::to_string(size) + " bytes, shorter than its 33-byte header)");
+    if (size < 33)
+      throw FormatError(name + ": truncated PNG (" + std::to_string(size) + " bytes, shorter than its 33-byte header)");
     if (be32(head + 8) != 13 || std::memcmp(head + 12, "IHDR", 4) != 0)
       throw FormatError(at_offset(name, 8) + ": corrupt PNG (its first chunk is not the 13-byte IHDR header)");
     w = be32(head + 16);
     h = be32(head + 20);
     const int colour = head[25];
     c = colour == 0 ? 1 : colour == 4 ? 2 : colour == 2 || colour == 3 ? 3 : colour == 6 ? 4 : 0;
-    if (c == 0) throw FormatError(at_offset(name, 25) + ": corrupt PNG (colour type " + std::to_string(colour) + " does not exist)");
+    if (c == 0)
+      throw FormatError(at_offset(name, 25) + ": corrupt PNG (colour type " + std::to_string(colour) + " does not exist)");
   } else {  // markers up to the frame header (SOF)
     int iw = 0, ih = 0, ic = 0;
     if (!stbi_info_from_memory(head, static_cast<int>(head_size), &iw, &ih, &ic))
-      throw FormatError(name + ": unreadable JPEG header (no frame header stb_image reads: cut short, corrupt, or an "
-                               "unsupported kind such as arithmetic-coded or lossless JPEG)");
+      throw FormatError(name +
+                        ": unreadable JPEG header (no frame header stb_image reads: cut short, corrupt, or an "
+                        "unsupported kind such as arithmetic-coded or lossless JPEG)");
     w = iw, h = ih, c = ic;
   }
   if (w == 0 || h == 0) throw FormatError(name + ": header claims " + std::to_string(w) + "x" + std::to_string(h) + " pixels");
@@ -115,7 +122,8 @@ ImageInfo check_parts(const uint8_t* head, size_t head_size, const uint8_t* tail
   if (std::max(w, h) > 16 * std::min(w, h))  // training images are near square; this bounds the resize
     throw FormatError(name + ": " + std::to_string(w) + "x" + std::to_string(h) + " has an aspect ratio beyond 16:1");
   if (png && std::search(tail, tail + tail_size, std::begin(kPngEnd), std::end(kPngEnd)) == tail + tail_size)
-    throw FormatError(name + ": truncated PNG (" + std::to_string(size) + " bytes, no IEND chunk at the end: the file was cut short)");
+    throw FormatError(name + ": truncated PNG (" + std::to_string(size) +
+                      " bytes, no IEND chunk at the end: the file was cut short)");
   return {c, h, w};
 }
 
@@ -206,7 +214,9 @@ ImageInfo check_image(const uint8_t* data, size_t size, const std::string& name)
 ImageInfo check_image_file(const std::string& path) {
   struct File {
     int fd;
-    ~File() { if (fd >= 0) ::close(fd); }
+    ~File() {
+      if (fd >= 0) ::close(fd);
+    }
   } file{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
   const int fd = file.fd;
   if (fd < 0) throw FormatError(path + ": cannot open (" + std::strerror(errno) + ")");
@@ -218,7 +228,9 @@ ImageInfo check_image_file(const std::string& path) {
     for (size_t got = 0; got < n;) {
       const ssize_t r = ::pread(fd, b.data() + got, n - got, static_cast<off_t>(offset + got));
       if (r < 0 && errno == EINTR) continue;
-      if (r <= 0) throw FormatError(path + ": read error" + (r < 0 ? std::string(" (") + std::strerror(errno) + ")" : " (the file shrank)"));
+      if (r <= 0)
+        throw FormatError(path + ": read error" +
+                          (r < 0 ? std::string(" (") + std::strerror(errno) + ")" : " (the file shrank)"));
       got += static_cast<size_t>(r);
     }
     return b;

@@ -168,8 +168,7 @@ namespace {
 // host sync per bucket per step); without, it only makes the current stream wait. The timeout
 // is still enforced: Gloo fails the operation after its timeout (set per collective below),
 // NCCL's watchdog aborts a collective older than ProcessGroupNCCL::Options::timeout.
-template <typename Launch>
-void run_and_wait(Launch&& launch, const char* what, std::chrono::milliseconds timeout) {
+template <typename Launch> void run_and_wait(Launch&& launch, const char* what, std::chrono::milliseconds timeout) {
   try {
     launch()->wait();
   } catch (const std::exception& e) {
@@ -180,7 +179,10 @@ void run_and_wait(Launch&& launch, const char* what, std::chrono::milliseconds t
 }  // namespace
 
 ProcessGroup::ProcessGroup(const World& world, DistBackend backend, const c10::Device& device, std::chrono::milliseconds timeout)
-    : impl_(std::make_unique<Impl>()), world_(world), device_(device), timeout_(timeout),
+    : impl_(std::make_unique<Impl>()),
+      world_(world),
+      device_(device),
+      timeout_(timeout),
       uncaught_at_start_(std::uncaught_exceptions()) {
   c10d::TCPStoreOptions so;
   so.port = static_cast<uint16_t>(world.master_port);
@@ -206,8 +208,9 @@ ProcessGroup::ProcessGroup(const World& world, DistBackend backend, const c10::D
     impl_->backend = cuda::make_nccl_backend(impl_->store, world.rank, world.world_size, device, timeout);
     impl_->name = "nccl";
 #else
-    throw UsageError("distributed.backend = nccl: this difftrain was built without NCCL (a CPU-only LibTorch, or "
-                     "-DDIFFTRAIN_WITH_NCCL=OFF at configure time)");
+    throw UsageError(
+        "distributed.backend = nccl: this difftrain was built without NCCL (a CPU-only LibTorch, or "
+        "-DDIFFTRAIN_WITH_NCCL=OFF at configure time)");
 #endif
   } else {
     // The timeout of every Gloo operation (the per-collective option below overrides it).
@@ -221,7 +224,10 @@ ProcessGroup::ProcessGroup(const World& world, DistBackend backend, const c10::D
 
 ProcessGroup::ProcessGroup(const World& world, c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Backend> backend,
                            std::string name, const c10::Device& device, std::chrono::milliseconds timeout)
-    : impl_(std::make_unique<Impl>()), world_(world), device_(device), timeout_(timeout),
+    : impl_(std::make_unique<Impl>()),
+      world_(world),
+      device_(device),
+      timeout_(timeout),
       uncaught_at_start_(std::uncaught_exceptions()) {
   impl_->store = std::move(store), impl_->backend = std::move(backend), impl_->name = std::move(name);
 }
@@ -245,8 +251,10 @@ std::string ProcessGroup::backend_name() const { return impl_->name; }
 void ProcessGroup::check_device(const std::vector<at::Tensor>& tensors, const char* what) const {
   for (const auto& t : tensors)
     if (t.device() != device_)
-      throw RuntimeError(fmt::format("distributed {}: a tensor on {}, but this process group communicates on {} (NCCL "
-                                     "takes only tensors on its own GPU)", what, t.device().str(), device_.str()));
+      throw RuntimeError(
+          fmt::format("distributed {}: a tensor on {}, but this process group communicates on {} (NCCL "
+                      "takes only tensors on its own GPU)",
+                      what, t.device().str(), device_.str()));
 }
 
 void ProcessGroup::broadcast(std::vector<at::Tensor>& tensors, int64_t root) {

@@ -152,8 +152,10 @@ std::string format_env(const EnvReport& e) {
   std::string nccl = e.nccl_version.empty() ? "not loaded" : e.nccl_version;
   if (e.nccl_compiled_version.empty()) nccl += e.torch_cuda_built ? "; difftrain built without its NCCL backend" : "";
   else if (!e.nccl_version.empty() && major_minor(e.nccl_version) != major_minor(e.nccl_compiled_version))
-    nccl += fmt::format(" -- MISMATCH: the NCCL backend was compiled against nccl.h {}; rebuild against the NCCL LibTorch "
-                        "loads", e.nccl_compiled_version);
+    nccl += fmt::format(
+        " -- MISMATCH: the NCCL backend was compiled against nccl.h {}; rebuild against the NCCL LibTorch "
+        "loads",
+        e.nccl_compiled_version);
   else nccl += fmt::format(" (compiled against {})", e.nccl_compiled_version);
   line("NCCL", nccl);
   if (e.cuda.gpus.empty()) line("GPUs", "none");
@@ -182,11 +184,17 @@ nlohmann::ordered_json env_to_json(const EnvReport& e) {
   return {
       {"difftrain_version", e.difftrain_version},
       {"compiler", e.compiler},
-      {"torch", {{"version", e.torch_version_runtime}, {"built_against", e.torch_version_built},
-                 {"cuda_build", e.torch_cuda_built}, {"cuda_compiled", e.torch_cuda_built ? cuda_version_text(e.torch_cuda_compiled) : ""}}},
-      {"cuda", {{"usable", e.cuda.state == CudaState::ok}, {"state", to_string(e.cuda.state)}, {"detail", e.cuda.detail},
-                {"runtime_version", e.cuda.runtime_version ? cuda_version_text(e.cuda.runtime_version) : ""},
-                {"driver_version", e.cuda.driver_version ? cuda_version_text(e.cuda.driver_version) : ""}}},
+      {"torch",
+       {{"version", e.torch_version_runtime},
+        {"built_against", e.torch_version_built},
+        {"cuda_build", e.torch_cuda_built},
+        {"cuda_compiled", e.torch_cuda_built ? cuda_version_text(e.torch_cuda_compiled) : ""}}},
+      {"cuda",
+       {{"usable", e.cuda.state == CudaState::ok},
+        {"state", to_string(e.cuda.state)},
+        {"detail", e.cuda.detail},
+        {"runtime_version", e.cuda.runtime_version ? cuda_version_text(e.cuda.runtime_version) : ""},
+        {"driver_version", e.cuda.driver_version ? cuda_version_text(e.cuda.driver_version) : ""}}},
       {"cudnn_version", e.cudnn_version},
       {"nccl_version", e.nccl_version},
       {"nccl_compiled_version", e.nccl_compiled_version},
@@ -260,27 +268,30 @@ DeviceChoice resolve_device(const std::string& spec, const CudaStatus& cuda) {
 int local_cuda_device(int64_t local_rank, int64_t local_world_size, int device_count, std::optional<int> requested,
                       const std::string& launcher) {
   const bool slurm = launcher == "slurm";
-  const std::string vars = fmt::format("{}={}, {}={}", slurm ? "SLURM_LOCALID" : "LOCAL_RANK", local_rank,
-                                       slurm ? "SLURM_NTASKS_PER_NODE (or SLURM_TASKS_PER_NODE)" : "LOCAL_WORLD_SIZE",
-                                       local_world_size);
+  const std::string vars =
+      fmt::format("{}={}, {}={}", slurm ? "SLURM_LOCALID" : "LOCAL_RANK", local_rank,
+                  slurm ? "SLURM_NTASKS_PER_NODE (or SLURM_TASKS_PER_NODE)" : "LOCAL_WORLD_SIZE", local_world_size);
   if (local_rank < 0 || local_world_size < 1 || local_rank >= local_world_size)
     throw UsageError(fmt::format("environment: {}: the local rank must be in [0, local world size)", vars));
-  if (device_count < 1) throw UsageError(fmt::format("{}: no CUDA device is visible to this rank (after CUDA_VISIBLE_DEVICES)", vars));
+  if (device_count < 1)
+    throw UsageError(fmt::format("{}: no CUDA device is visible to this rank (after CUDA_VISIBLE_DEVICES)", vars));
   if (requested) {
     if (*requested < 0 || *requested >= device_count)
       throw UsageError(fmt::format("run.device = \"cuda:{}\" but {} CUDA device(s) are visible to this rank ({})", *requested,
                                    device_count, vars));
     if (local_world_size == 1 || device_count == 1) return *requested;
-    throw UsageError(fmt::format("run.device = \"cuda:{}\" would put all {} ranks of this node on one GPU ({}, {} CUDA devices "
-                                 "visible); use run.device = cuda or auto, and each rank takes its own",
-                                 *requested, local_world_size, vars, device_count));
+    throw UsageError(
+        fmt::format("run.device = \"cuda:{}\" would put all {} ranks of this node on one GPU ({}, {} CUDA devices "
+                    "visible); use run.device = cuda or auto, and each rank takes its own",
+                    *requested, local_world_size, vars, device_count));
   }
   if (device_count >= local_world_size) return static_cast<int>(local_rank);
   if (device_count == 1) return 0;
-  throw UsageError(fmt::format("{} but {} CUDA device(s) are visible to this rank (after CUDA_VISIBLE_DEVICES): each rank needs "
-                               "its own GPU, so either every rank sees at least {} devices (GPU = local rank) or exactly one "
-                               "(srun --gpus-per-task=1). Start at most {} ranks per node, or change which GPUs each rank sees.",
-                               vars, device_count, local_world_size, device_count));
+  throw UsageError(
+      fmt::format("{} but {} CUDA device(s) are visible to this rank (after CUDA_VISIBLE_DEVICES): each rank needs "
+                  "its own GPU, so either every rank sees at least {} devices (GPU = local rank) or exactly one "
+                  "(srun --gpus-per-task=1). Start at most {} ranks per node, or change which GPUs each rank sees.",
+                  vars, device_count, local_world_size, device_count));
 }
 
 }  // namespace difftrain

@@ -18,8 +18,8 @@
 #include <c10/core/GradMode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <nlohmann/json.hpp>
 #include <torch/csrc/autograd/autograd.h>
+#include <nlohmann/json.hpp>
 
 #include "difftrain/checkpoint.h"
 #include "difftrain/distributed.h"
@@ -259,7 +259,8 @@ void Trainer::resume_from(const fs::path& path) {
   const auto types = rng_state_devices(ckpt);
   auto state_of = [&](const std::string& name) -> const at::Tensor& {
     const auto it = rng.find(name);
-    if (it == rng.end()) throw CheckpointError(fmt::format("checkpoint {}: rng.safetensors has no {} state", path.string(), name));
+    if (it == rng.end())
+      throw CheckpointError(fmt::format("checkpoint {}: rng.safetensors has no {} state", path.string(), name));
     return it->second;
   };
   auto restore = [&](at::Generator g, const std::string& name) {
@@ -271,7 +272,8 @@ void Trainer::resume_from(const fs::path& path) {
     }
   };
   const std::string here = c10::DeviceTypeName(opts_.device.type(), /*lower_case=*/true);
-  const std::string there = types.count("trainer") ? types.at("trainer") : "cpu";  // the trainer's generator lives on the run's device
+  const std::string there =
+      types.count("trainer") ? types.at("trainer") : "cpu";  // the trainer's generator lives on the run's device
   auto cpu = default_generator(c10::Device(c10::kCPU));
   if (there == here) {
     restore(generator_, "trainer");
@@ -286,10 +288,11 @@ void Trainer::resume_from(const fs::path& path) {
     default_generator(opts_.device).set_current_seed(derive_seed(derive_seed(seed, static_cast<uint64_t>(rank_)), step));
     if (!opts_.device.is_cpu()) restore(cpu, "cpu");  // a CPU state carries over; on a CPU run it is the dropout stream, reseeded
     if (rank_ == 0)
-      log_warn("checkpoint {} was written on {} and this run is on {}: generator states do not carry over between device "
-               "types, so the timestep/noise stream and the dropout stream are reseeded from run.seed and step {}. The run "
-               "continues deterministically, but not bit-identically to one that stayed on {}.",
-               path.string(), there, here, ckpt.step, there);
+      log_warn(
+          "checkpoint {} was written on {} and this run is on {}: generator states do not carry over between device "
+          "types, so the timestep/noise stream and the dropout stream are reseeded from run.seed and step {}. The run "
+          "continues deterministically, but not bit-identically to one that stayed on {}.",
+          path.string(), there, here, ckpt.step, there);
   }
   step_ = ckpt.step;
   resume_loader_state_ = LoaderState{ckpt.state.at("loader").at("epoch").get<int64_t>(), ckpt.state.at("loader").at("batch").get<int64_t>()};

@@ -19,7 +19,7 @@
 
 namespace difftrain::test {
 
-inline constexpr double kFloatEps = 0x1p-23;  // ε of float32; one ulp of 1.0
+inline constexpr double kFloatEps = 0x1p-23;            // ε of float32; one ulp of 1.0
 inline constexpr double kUnitRoundoff = kFloatEps / 2;  // u: the largest relative error of one rounding
 
 // Element-wise |got - want| <= ulps · ε · scale, where `scale` (a tensor broadcastable to got)
@@ -27,8 +27,7 @@ inline constexpr double kUnitRoundoff = kFloatEps / 2;  // u: the largest relati
 // by what it divides by. `ulps` is the count of ε the two evaluations can round by together.
 inline ::testing::AssertionResult within_ulps(const at::Tensor& got, const at::Tensor& want, const at::Tensor& scale,
                                               double ulps) {
-  if (got.sizes() != want.sizes())
-    return ::testing::AssertionFailure() << "shape " << got.sizes() << " != " << want.sizes();
+  if (got.sizes() != want.sizes()) return ::testing::AssertionFailure() << "shape " << got.sizes() << " != " << want.sizes();
   const auto err = (got.to(at::kDouble) - want.to(at::kDouble)).abs();
   const auto bound = (ulps * kFloatEps) * scale.to(at::kDouble).expand_as(err);
   if ((err <= bound).all().item<bool>()) return ::testing::AssertionSuccess();

@@ -183,12 +183,14 @@ TEST_F(CheckpointFiles, CheckpointRoundTripWithManifest) {
 // none, and the type is inferred from whether a "device" state (written only on CUDA) is there.
 TEST_F(CheckpointFiles, RngStatesCarryTheirDeviceType) {
   Checkpoint c = make_checkpoint(10);
-  c.tensors["rng"] = {{"trainer", torch::zeros({16}, torch::kByte)}, {"cpu", torch::zeros({5056}, torch::kByte)},
+  c.tensors["rng"] = {{"trainer", torch::zeros({16}, torch::kByte)},
+                      {"cpu", torch::zeros({5056}, torch::kByte)},
                       {"device", torch::zeros({16}, torch::kByte)}};
   c.metadata["rng"] = {{"trainer", "cuda"}, {"cpu", "cpu"}, {"device", "cuda"}};
   const auto back = load_checkpoint(save_checkpoint(dir_ / "new", c));
   EXPECT_EQ(back.metadata.at("rng"), c.metadata.at("rng"));
-  EXPECT_EQ(rng_state_devices(back), (std::map<std::string, std::string>{{"trainer", "cuda"}, {"cpu", "cpu"}, {"device", "cuda"}}));
+  EXPECT_EQ(rng_state_devices(back),
+            (std::map<std::string, std::string>{{"trainer", "cuda"}, {"cpu", "cpu"}, {"device", "cuda"}}));
 
   Checkpoint legacy = c;  // as written before the record: a "device" state means a CUDA run
   legacy.metadata.clear();
@@ -203,7 +205,9 @@ TEST_F(CheckpointFiles, RngStatesCarryTheirDeviceType) {
     rng_state_devices(c);
     ADD_FAILURE() << "an unknown device type was accepted";
   } catch (const CheckpointError& e) {
-    EXPECT_NE(std::string(e.what()).find("generator state \"device\" is from device type \"mps\"; known: cpu, cuda"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("generator state \"device\" is from device type \"mps\"; known: cpu, cuda"),
+              std::string::npos)
+        << e.what();
   }
   c.metadata["rng"].erase("device");
   EXPECT_THROW(rng_state_devices(c), CheckpointError);

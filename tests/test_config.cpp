@@ -77,7 +77,8 @@ const BadCase kBadCases[] = {
     {"string_for_boolean", R"({"data": {"random_flip": "yes"}})", "data.random_flip", "expected a boolean"},
     {"string_for_number", R"({"train": {"learning_rate": "1e-4"}})", "train.learning_rate", "expected a number"},
     {"scalar_for_list", R"({"model": {"block_out_channels": 64}})", "model.block_out_channels", "expected a list"},
-    {"bad_list_element", R"({"model": {"block_out_channels": [32, "64", 128]}})", "model.block_out_channels[1]", "expected an integer"},
+    {"bad_list_element", R"({"model": {"block_out_channels": [32, "64", 128]}})", "model.block_out_channels[1]",
+     "expected an integer"},
     {"integer_overflow", R"({"train": {"batch_size": 4294967296}})", "train.batch_size", "expected an integer in"},
     {"wrong_type_in_optional", R"({"model": {"num_class_embeds": "ten"}})", "model.num_class_embeds", "expected an integer"},
     // out of range
@@ -133,7 +134,8 @@ const BadCase kBadCases[] = {
          "DownBlock2D","DownBlock2D","DownBlock2D","DownBlock2D","DownBlock2D","DownBlock2D"],
        "up_block_types": ["UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D",
          "UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D",
-         "UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D"]}})", "model.block_out_channels", "at most 16"},
+         "UpBlock2D","UpBlock2D","UpBlock2D","UpBlock2D"]}})",
+     "model.block_out_channels", "at most 16"},
     {"name_with_control_characters_is_escaped", R"({"run": {"name": "a\u0000b\u001b"}})", "run.name",
      R"("a\u0000b\u001b" may only use)"},
     {"keep_every_not_multiple", R"({"checkpoint": {"every": 500, "keep_every": 1200}})", "checkpoint.keep_every",
@@ -238,7 +240,8 @@ TEST(ConfigPrecedence, WarmupDefaultFollowsTheRunLength) {
   EXPECT_EQ(cfg.train.lr_warmup_steps, 50);  // the user's value stands
   ASSERT_EQ(notes.size(), 1u);
   EXPECT_NE(notes[0].find("train.lr_warmup_steps: 50 exceeds train.max_steps = 20; the learning rate ends at 0.38 of"),
-            std::string::npos) << notes[0];  // the last step (19) runs at 19/50
+            std::string::npos)
+      << notes[0];  // the last step (19) runs at 19/50
 
   notes.clear();
   const auto p = temp_file("warmup.json", R"({"train": {"max_steps": 30, "lr_warmup_steps": 100}})");

@@ -252,18 +252,19 @@ TEST_F(Data, ExtremeAspectRatiosAreBadImages) {
 
 // All bad files are found when the folder is opened, each named with its reason, in one error.
 TEST_F(Data, BadImageFilesAreAllNamedAtOpen) {
-  for (int i = 0; i < 5; ++i) write(dir_ / "f/a" / ("good" + std::to_string(i) + ".png"), png_bytes(static_cast<uint8_t>(10 * i)));
+  for (int i = 0; i < 5; ++i)
+    write(dir_ / "f/a" / ("good" + std::to_string(i) + ".png"), png_bytes(static_cast<uint8_t>(10 * i)));
   const auto png = png_bytes(7);
   write(dir_ / "f/a/text.png", {'h', 'e', 'l', 'l', 'o', ' ', 'w', 'o', 'r', 'l', 'd', '\n'});
   write(dir_ / "f/a/cut.png", std::vector<uint8_t>(png.begin(), png.begin() + static_cast<std::ptrdiff_t>(png.size() / 2)));
   write(dir_ / "f/b/empty.png", {});
   write(dir_ / "f/b/fake.jpg", {0xFF, 0xD8, 0xFF, 0xE0, 0, 2, 0xFF, 0xD9});  // JPEG markers, no frame header
-  write_png(dir_ / "f/b/small.png", 3, 3, 1, 0);  // below min_side = 4
+  write_png(dir_ / "f/b/small.png", 3, 3, 1, 0);                             // below min_side = 4
   const std::string root = (dir_ / "f").string();
   const std::string err = error_of([&] { ImageFolderDataset(root, BadImagePolicy::fail, /*min_side=*/4); });
   EXPECT_NE(err.find("5 of 10 image files cannot be used"), std::string::npos) << err;
-  for (const char* expected : {"text.png: not a PNG or JPEG file (it starts with \"hello wo\")",
-                               "cut.png: truncated PNG", "empty.png: empty file (0 bytes)", "fake.jpg: unreadable JPEG header",
+  for (const char* expected : {"text.png: not a PNG or JPEG file (it starts with \"hello wo\")", "cut.png: truncated PNG",
+                               "empty.png: empty file (0 bytes)", "fake.jpg: unreadable JPEG header",
                                "small.png: 3x3 is smaller than data.resolution = 4 and data.allow_upscale is false"})
     EXPECT_NE(err.find(expected), std::string::npos) << expected << " not in:\n" << err;
   EXPECT_NE(err.find("data.on_bad_image = \"skip\""), std::string::npos) << err;
@@ -286,8 +287,8 @@ TEST_F(Data, ManyBadFilesAreCappedInTheMessage) {
   for (int i = 0; i < 25; ++i) write(dir_ / "m" / ("bad" + std::to_string(100 + i) + ".png"), {'x'});
   const std::string err = error_of([&] { ImageFolderDataset((dir_ / "m").string(), BadImagePolicy::fail); });
   EXPECT_NE(err.find("25 of 26 image files cannot be used"), std::string::npos) << err;
-  EXPECT_NE(err.find("bad119.png"), std::string::npos) << err;      // the 20th, sorted
-  EXPECT_EQ(err.find("bad120.png"), std::string::npos) << err;      // the 21st: in the log only
+  EXPECT_NE(err.find("bad119.png"), std::string::npos) << err;  // the 20th, sorted
+  EXPECT_EQ(err.find("bad120.png"), std::string::npos) << err;  // the 21st: in the log only
   EXPECT_NE(err.find("... and 5 more (all listed in the log above)"), std::string::npos) << err;
 }
 
@@ -340,7 +341,8 @@ TEST(Formats, DecodeErrorsAlwaysSayWhy) {
   for (auto& v : noise) v = static_cast<uint8_t>((state = state * 6364136223846793005ULL + 1442695040888963407ULL) >> 56);
   auto large = formats::encode_png(noise.data(), 3, 256, 256);
   ASSERT_GT(large.size(), size_t{1} << 17);
-  std::ofstream(big, std::ios::binary).write(reinterpret_cast<const char*>(large.data()), static_cast<std::streamsize>(large.size()));
+  std::ofstream(big, std::ios::binary)
+      .write(reinterpret_cast<const char*>(large.data()), static_cast<std::streamsize>(large.size()));
   const auto info = formats::check_image_file(big.string());
   EXPECT_EQ(info.channels, 3);
   EXPECT_EQ(info.height, 256);

@@ -1,9 +1,9 @@
 // The World from launcher environments (torchrun, Slurm, none) and Slurm hostlists; what the
 // ProcessGroup hands its backend (devices) and how it closes it.
 #include <gtest/gtest.h>
+#include <torch/torch.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
-#include <torch/torch.h>
 
 #include "difftrain/distributed.h"
 #include "difftrain/errors.h"
@@ -159,7 +159,7 @@ TEST(ProcessGroupDevices, EveryCollectiveReachesTheBackendOnTheGroupsDevice) {
   g.group->allreduce_sum({torch::empty({}, on), torch::empty({4}, on), torch::empty({4}, on)});
   g.group->barrier();
   EXPECT_EQ(g.backend->calls, (std::vector<std::string>{"broadcast 32", "broadcast 8", "allreduce 512", "allreduce 64",
-                                                         "allreduce 9", "barrier 0"}));
+                                                        "allreduce 9", "barrier 0"}));
 }
 
 // The bug this guards against: statistics moved to the CPU (`.cpu()`) before an all-reduce on a
@@ -219,8 +219,7 @@ TEST(ProcessGroupLifecycle, ShutdownOnANormalEndAbortWhileAnExceptionUnwinds) {
   try {
     const auto group = std::move(failing.group);
     throw RuntimeError("distributed gradient all-reduce failed");
-  } catch (const RuntimeError&) {
-  }
+  } catch (const RuntimeError&) {}
   EXPECT_EQ(failing_backend->calls, std::vector<std::string>{"abort"});
 
   // A group made while another exception is already in flight still shuts down normally.
@@ -236,8 +235,7 @@ TEST(ProcessGroupLifecycle, ShutdownOnANormalEndAbortWhileAnExceptionUnwinds) {
       }
     } during{&inner_calls};
     throw RuntimeError("unwinding");
-  } catch (const RuntimeError&) {
-  }
+  } catch (const RuntimeError&) {}
   EXPECT_EQ(inner_calls, std::vector<std::string>{"shutdown"});
 }
 

@@ -174,8 +174,8 @@ std::string local_device_error(int64_t local_rank, int64_t local_world_size, int
 }
 
 TEST(Device, EachRankTakesItsLocalRankOrItsOnlyGpu) {
-  EXPECT_EQ(local_cuda_device(3, 4, 4, std::nullopt), 3);  // torchrun on a node of 4 GPUs
-  EXPECT_EQ(local_cuda_device(1, 2, 8, std::nullopt), 1);  // more GPUs than ranks
+  EXPECT_EQ(local_cuda_device(3, 4, 4, std::nullopt), 3);           // torchrun on a node of 4 GPUs
+  EXPECT_EQ(local_cuda_device(1, 2, 8, std::nullopt), 1);           // more GPUs than ranks
   EXPECT_EQ(local_cuda_device(3, 4, 1, std::nullopt, "slurm"), 0);  // srun --gpus-per-task=1: each task sees its own
   EXPECT_EQ(local_cuda_device(0, 1, 1, std::nullopt), 0);
   // A fixed cuda:N where it cannot put two ranks on one GPU: one rank on the node, or one visible GPU.

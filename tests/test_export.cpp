@@ -202,7 +202,7 @@ class Export : public ::testing::Test {
   fs::path dir_;
 };
 
-#define REQUIRE_PYTHON()                                      \
+#define REQUIRE_PYTHON() \
   if (test::python().empty()) GTEST_SKIP() << "no venv python with diffusers (make test installs it)"
 
 TEST_F(Export, Cifar10PresetHasDiffusersKeyNamesAndShapes) {
@@ -389,9 +389,8 @@ TEST_F(Export, ExportIsDeterministic) {
 // Absent keys mean diffusers' defaults: the defaults of UNet2DModel.__init__, read from diffusers.
 TEST_F(Export, AbsentConfigKeysTakeDiffusersDefaults) {
   REQUIRE_PYTHON();
-  const std::string cmd = fmt::format("{} {}/tests/export/check_diffusers.py --signature-defaults {} >{} 2>&1",
-                                      test::python(), test::source_dir(), (dir_ / "defaults.json").string(),
-                                      (dir_ / "python.log").string());
+  const std::string cmd = fmt::format("{} {}/tests/export/check_diffusers.py --signature-defaults {} >{} 2>&1", test::python(),
+                                      test::source_dir(), (dir_ / "defaults.json").string(), (dir_ / "python.log").string());
   ASSERT_EQ(std::system(cmd.c_str()), 0) << slurp(dir_ / "python.log");
   json full = json::parse(slurp(dir_ / "defaults.json"));
   full["sample_size"] = 64;

@@ -29,12 +29,12 @@ namespace {
 
 namespace fs = std::filesystem;
 
-#define DIFFTRAIN_REQUIRE_CUDA()                                                                         \
-  do {                                                                                                   \
-    const auto env_ = collect_env();                                                                     \
-    if (env_.cuda.state != CudaState::ok)                                                                \
+#define DIFFTRAIN_REQUIRE_CUDA()                                                                                          \
+  do {                                                                                                                    \
+    const auto env_ = collect_env();                                                                                      \
+    if (env_.cuda.state != CudaState::ok)                                                                                 \
       GTEST_SKIP() << "CUDA is not usable here (" << to_string(env_.cuda.state) << (env_.cuda.detail.empty() ? "" : ": ") \
-                   << env_.cuda.detail << ")";                                                           \
+                   << env_.cuda.detail << ")";                                                                            \
   } while (0)
 
 const c10::Device kCuda(c10::kCUDA, 0);
@@ -82,8 +82,8 @@ std::shared_ptr<Dataset> stand_in_data(int64_t n = 64, int64_t resolution = 16) 
 class GpuRun : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("difftrain_gpu_" + std::to_string(::getpid()) + "_" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    dir_ = fs::temp_directory_path() / ("difftrain_gpu_" + std::to_string(::getpid()) + "_" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
   }
@@ -257,8 +257,8 @@ TEST(Gpu, OneFullStepMatchesTheCpu) {
     const auto dg = (g_gpu[i] - g_cpu[i]).abs().to(at::kDouble);
     const auto bound = lr * dg / (g_cpu[i].abs().to(at::kDouble) + eps) + 4 * test::kFloatEps * p_cpu[i].abs().to(at::kDouble);
     EXPECT_TRUE(test::within_ulps(p_gpu[i], p_cpu[i], bound / test::kFloatEps, 1)) << "parameter " << i;
-    EXPECT_TRUE(test::within_ulps(s_gpu[i], s_cpu[i], (0.1 * bound + 4 * test::kFloatEps * s_cpu[i].abs().to(at::kDouble)) /
-                                                          test::kFloatEps, 1))
+    EXPECT_TRUE(test::within_ulps(s_gpu[i], s_cpu[i],
+                                  (0.1 * bound + 4 * test::kFloatEps * s_cpu[i].abs().to(at::kDouble)) / test::kFloatEps, 1))
         << "EMA " << i;
   }
 }

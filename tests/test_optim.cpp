@@ -218,7 +218,8 @@ TEST(ClipGradNorm, MatchesTorchClipGradNorm) {
     // ‖g‖ sums N = 24 squares (γ_N: N u of the sum, in any order) and takes a sqrt (2u): relative
     // (N + 2)u/2 + 2u... per evaluation, under (N + 4)u; the clip factor adds a div and an add, the scaling a mul.
     const double n = 24, rel = (n + 4) * u;
-    EXPECT_NEAR(total.item<double>(), ref.at("clip.total_norm").item<double>(), 2 * rel * ref.at("clip.total_norm").item<double>());
+    EXPECT_NEAR(total.item<double>(), ref.at("clip.total_norm").item<double>(),
+                2 * rel * ref.at("clip.total_norm").item<double>());
     for (int j = 0; j < 3; ++j) {
       const auto want = ref.at(fmt::format("clip.clipped{}", j));
       EXPECT_TRUE(test::within_ulps(g[j], want, want.abs().to(at::kDouble), 2 * (rel + 3 * u) / test::kFloatEps)) << j;

@@ -41,7 +41,7 @@ at::Tensor x0_bound(PredictionType p, double ab, const at::Tensor& x, const at::
   switch (p) {
     case PredictionType::epsilon:  // (x - √β̄ m) / √ᾱ: sqrt 2u, mul u, sub u, sqrt 2u, div u = 7u, relative to
       return 2 * 7 * u * (x.abs() + sb * m.abs()) / sa;  // the terms over √ᾱ (the 1/√ᾱ ≈ 157 of t = 999)
-    case PredictionType::v_prediction:  // √ᾱ x - √β̄ m: two sqrt 2u, two mul u, sub u
+    case PredictionType::v_prediction:                   // √ᾱ x - √β̄ m: two sqrt 2u, two mul u, sub u
       return 2 * 4 * u * (sa * x.abs() + sb * m.abs());
     case PredictionType::sample: return at::zeros_like(x);  // x̂₀ = m, exactly
   }
@@ -56,11 +56,12 @@ double sigma_rel(VarianceType v, double variance) {
 
 // DDPM (formula (7) of arXiv 2006.11239): prev = c0 x̂₀ + c1 x + σ z, c0 = √ᾱ_{t-1} β_t / β̄_t,
 // c1 = √α_t β̄_{t-1} / β̄_t, each a sqrt (2u), a mul and a div (u each); two muls and two adds.
-StepBounds ddpm_bounds(const DDPMScheduler& s, const SchedulerConfig& cfg, int64_t t, const at::Tensor& x,
-                       const at::Tensor& m, const at::Tensor& x0, const at::Tensor& z) {
+StepBounds ddpm_bounds(const DDPMScheduler& s, const SchedulerConfig& cfg, int64_t t, const at::Tensor& x, const at::Tensor& m,
+                       const at::Tensor& x0, const at::Tensor& z) {
   const int64_t prev_t = s.previous_timestep(t);
   const double ab = s.alphas_cumprod()[t].item<double>(), ab_prev = prev_t >= 0 ? s.alphas_cumprod()[prev_t].item<double>() : 1.0;
-  const double beta = 1 - ab / ab_prev, c0 = std::sqrt(ab_prev) * beta / (1 - ab), c1 = std::sqrt(ab / ab_prev) * (1 - ab_prev) / (1 - ab);
+  const double beta = 1 - ab / ab_prev, c0 = std::sqrt(ab_prev) * beta / (1 - ab),
+               c1 = std::sqrt(ab / ab_prev) * (1 - ab_prev) / (1 - ab);
   StepBounds b;
   b.x0 = x0_bound(cfg.prediction_type, ab, x, m);
   b.prev = c0 * b.x0 + 2 * 7 * u * (c0 * x0.abs() + c1 * x.abs());
@@ -78,7 +79,8 @@ StepBounds ddim_bounds(const DDIMScheduler& s, const SchedulerConfig& cfg, int64
                        const at::Tensor& m, const at::Tensor& x0, const at::Tensor& z) {
   const int64_t prev_t = s.previous_timestep(t);
   const double ab = s.alphas_cumprod()[t].item<double>();
-  const double ab_prev = prev_t >= 0 ? s.alphas_cumprod()[prev_t].item<double>() : (cfg.set_alpha_to_one ? 1.0 : s.alphas_cumprod()[0].item<double>());
+  const double ab_prev = prev_t >= 0 ? s.alphas_cumprod()[prev_t].item<double>()
+                                     : (cfg.set_alpha_to_one ? 1.0 : s.alphas_cumprod()[0].item<double>());
   const double sa = std::sqrt(ab), sb = std::sqrt(1 - ab);
   const double sigma = eta * std::sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev));
   const double dir2 = 1 - ab_prev - sigma * sigma, dir = std::sqrt(dir2);
@@ -87,13 +89,16 @@ StepBounds ddim_bounds(const DDIMScheduler& s, const SchedulerConfig& cfg, int64
   switch (cfg.prediction_type) {
     case PredictionType::epsilon: eps = m, eps_bound = at::zeros_like(m); break;
     case PredictionType::sample:  // (x - √ᾱ m) / √β̄, from the unclipped x̂₀ = m
-      eps = (x - sa * m) / sb, eps_bound = 2 * 7 * u * (x.abs() + sa * m.abs()) / sb; break;
+      eps = (x - sa * m) / sb, eps_bound = 2 * 7 * u * (x.abs() + sa * m.abs()) / sb;
+      break;
     case PredictionType::v_prediction:  // √ᾱ m + √β̄ x
-      eps = sa * m + sb * x, eps_bound = 2 * 4 * u * (sa * m.abs() + sb * x.abs()); break;
+      eps = sa * m + sb * x, eps_bound = 2 * 4 * u * (sa * m.abs() + sb * x.abs());
+      break;
   }
   // σ: sqrt 2u and the η mul u, so σ² is within 7u; 1 - ᾱ_prev - σ² rounds twice more (u of each
   // operand); its sqrt halves that relative error and adds 2u.
-  const double sigma_err = 3 * u, dir_err = dir > 0 ? 0.5 * (u * (1 - ab_prev) + 7 * u * sigma * sigma + u * dir2) / dir2 + 2 * u : 0;
+  const double sigma_err = 3 * u,
+               dir_err = dir > 0 ? 0.5 * (u * (1 - ab_prev) + 7 * u * sigma * sigma + u * dir2) / dir2 + 2 * u : 0;
   StepBounds b;
   b.x0 = x0_bound(cfg.prediction_type, ab, x, m);
   b.prev = std::sqrt(ab_prev) * b.x0 + dir * eps_bound +
@@ -121,9 +126,10 @@ TEST(SchedulerVsDiffusers, TablesMatch) {
     const std::string key = c["key"];
     // The same float32 operations of the same library in the same environment (the reference is
     // made at test time): bit for bit, which the step bounds below rely on.
-    EXPECT_TRUE(torch::equal(s.betas(), ref.at(key + ".betas"))) << key << " betas: max abs error "
-        << (s.betas() - ref.at(key + ".betas")).abs().max().item<double>();
-    EXPECT_TRUE(torch::equal(s.alphas_cumprod(), ref.at(key + ".alphas_cumprod"))) << key << " alphas_cumprod: max abs error "
+    EXPECT_TRUE(torch::equal(s.betas(), ref.at(key + ".betas")))
+        << key << " betas: max abs error " << (s.betas() - ref.at(key + ".betas")).abs().max().item<double>();
+    EXPECT_TRUE(torch::equal(s.alphas_cumprod(), ref.at(key + ".alphas_cumprod")))
+        << key << " alphas_cumprod: max abs error "
         << (s.alphas_cumprod() - ref.at(key + ".alphas_cumprod")).abs().max().item<double>();
   }
 }
@@ -286,7 +292,8 @@ TEST(Scheduler, AddNoiseInvertsForEveryPredictionType) {
       // x̂₀ (7u of its terms over √ᾱ) carries that error over √ᾱ too: 16u of the scale below.
       const double ab = s.alphas_cumprod()[t].item<double>();
       const auto d = [](const at::Tensor& a) { return a.abs().to(at::kDouble); };
-      const auto scale = (std::sqrt(ab) * d(x0) + std::sqrt(1 - ab) * d(eps) + d(xt) + std::sqrt(1 - ab) * d(target)) / std::sqrt(ab);
+      const auto scale =
+          (std::sqrt(ab) * d(x0) + std::sqrt(1 - ab) * d(eps) + d(xt) + std::sqrt(1 - ab) * d(target)) / std::sqrt(ab);
       EXPECT_TRUE(test::within_ulps(out.pred_original_sample, x0, scale, 8)) << pred << " t=" << t;
     }
 }
@@ -307,7 +314,8 @@ TEST(Scheduler, MinSnrWeightsPerPredictionType) {
   const NoiseSchedule s(make("linear"));
   const double ab = s.alphas_cumprod()[400].item<double>();
   // 1 - ᾱ and the div round by u each.
-  EXPECT_NEAR(s.snr(torch::tensor({400L}))[0].item<double>(), ab / (1 - ab), 2 * u * ab / (1 - ab) * std::max(1.0, ab / (1 - ab)));
+  EXPECT_NEAR(s.snr(torch::tensor({400L}))[0].item<double>(), ab / (1 - ab),
+              2 * u * ab / (1 - ab) * std::max(1.0, ab / (1 - ab)));
 }
 
 // The data distribution is one image x*: the exact ε of x_t is (x_t - √ᾱ_t x*) / √(1-ᾱ_t), and both

@@ -198,8 +198,10 @@ struct DataConfig {
     v("crop", crop, "Crop to a square: center, or random per sample.");
     v("random_flip", random_flip, "Random horizontal flip.");
     v("allow_upscale", allow_upscale, "Allow images smaller than the resolution to be scaled up (else an error).");
-    v("on_bad_image", on_bad_image, "Bad files in an image folder (all checked at start: empty, not PNG/JPEG, truncated, too "
-      "small without allow_upscale; or failing to decode later): stop with an error naming them, or leave them out and log them.");
+    v("on_bad_image", on_bad_image,
+      "Bad files in an image folder (all checked at start: empty, not PNG/JPEG, truncated, too "
+      "small without allow_upscale; or failing to decode later): stop with an error naming them, or leave them out and log "
+      "them.");
     v("subset", subset, "Use only the first N items; 0 = all.", {.min = 0});
     v("class_filter", class_filter, "Keep only these labels; empty = all.", {.min = 0});
     v("num_workers", num_workers, "Decode/augment threads.", {.min = 0, .max = 256});
@@ -234,15 +236,19 @@ struct TrainConfig {
     v("max_steps", max_steps, "Optimizer steps to train.", {.min = 1});
     v("learning_rate", learning_rate, "Peak learning rate (after warmup and scale_lr).", {.min = 0, .min_open = true});
     v("lr_schedule", lr_schedule, "Learning-rate decay after warmup.");
-    v("lr_warmup_steps", lr_warmup_steps, "Linear warmup steps from 0 to learning_rate. Left at its default, it is capped at "
-      "max_steps; set above max_steps, the learning rate never reaches its peak (a warning).", {.min = 0});
+    v("lr_warmup_steps", lr_warmup_steps,
+      "Linear warmup steps from 0 to learning_rate. Left at its default, it is capped at "
+      "max_steps; set above max_steps, the learning rate never reaches its peak (a warning).",
+      {.min = 0});
     v("scale_lr", scale_lr, "Scale learning_rate by the effective batch / batch_size: not at all, linearly, or by its square root.");
     v("adam_beta1", adam_beta1, "AdamW β₁.", {.min = 0, .max = 1, .max_open = true});
     v("adam_beta2", adam_beta2, "AdamW β₂.", {.min = 0, .max = 1, .max_open = true});
     v("adam_epsilon", adam_epsilon, "AdamW ε.", {.min = 0, .min_open = true});
     v("weight_decay", weight_decay, "Decoupled weight decay (not applied to biases and norms).", {.min = 0});
     v("max_grad_norm", max_grad_norm, "Clip the global gradient L2 norm to this; 0 = no clipping.", {.min = 0});
-    v("mixed_precision", mixed_precision, "Autocast dtype: none, bf16, or fp16 with dynamic loss scaling (CUDA only).");
+    v("mixed_precision", mixed_precision,
+      "Autocast dtype: none, bf16 (on a CPU: with AVX512-BF16 or AMX and LibTorch's AVX-512 "
+      "kernels), or fp16 with dynamic loss scaling (CUDA only).");
     v("class_dropout_prob", class_dropout_prob, "Probability of training on the null class (classifier-free guidance).",
       {.min = 0, .max = 1});
     v("max_nonfinite_steps", max_nonfinite_steps, "Stop after this many non-finite losses or gradients in a row (each such "

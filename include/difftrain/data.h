@@ -70,7 +70,7 @@ class ImageFolderDataset : public Dataset {
   std::string describe() const override;
   const std::vector<std::string>& classes() const { return classes_; }
   const std::vector<std::string>& left_out() const { return left_out_; }  // "file: why", found bad at construction
-  int64_t skipped() const { return skipped_.load(); }                      // failed to decode since
+  int64_t skipped() const { return skipped_.load(); }                     // failed to decode since
 
  private:
   std::vector<std::string> files_;

@@ -15,6 +15,8 @@ void add_config_options(CLI::App* cmd, ConfigOptions& opts) {
       ->group("Configuration");
 }
 
-Config load(const ConfigOptions& opts, std::vector<std::string>* notes) { return load_config(opts.config_path, opts.overrides, notes); }
+Config load(const ConfigOptions& opts, std::vector<std::string>* notes) {
+  return load_config(opts.config_path, opts.overrides, notes);
+}
 
 }  // namespace difftrain::cli

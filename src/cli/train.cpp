@@ -46,12 +46,13 @@ int run_train(const TrainOptions& opts) {
   const int threads = configure_threads(cfg.run.num_threads);
   const EnvReport env = collect_env();
   DeviceChoice device = resolve_device(cfg.run.device, env.cuda);  // never a silent CPU fallback
-  if (device.device.is_cuda() && world.distributed()) {  // one GPU per process
+  if (device.device.is_cuda() && world.distributed()) {            // one GPU per process
     const auto requested = cfg.run.device.rfind("cuda:", 0) == 0 ? parse_device_index(cfg.run.device) : std::nullopt;
     const int visible = env.cuda.gpus.empty() ? 0 : env.cuda.gpus.back().index + 1;  // a GPU that failed its query still counts
     const int index = local_cuda_device(world.local_rank, world.local_world_size, visible, requested, world.launcher);
     device.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
-    device.note = fmt::format("local rank {} of {} on this node, {} GPU(s) visible", world.local_rank, world.local_world_size, visible);
+    device.note =
+        fmt::format("local rank {} of {} on this node, {} GPU(s) visible", world.local_rank, world.local_world_size, visible);
     for (const auto& g : env.cuda.gpus)
       if (g.index == index) device.note += ": " + g.name;
   }

@@ -135,7 +135,8 @@ TEST_F(Cli, DryRunPreparesTheRunDirectory) {
   const fs::path run_dir = dir_ / "quickstart";
   ASSERT_TRUE(fs::exists(run_dir / "config.json"));
   const Config written = config_from_json(json::parse(slurp(run_dir / "config.json")));
-  EXPECT_EQ(written, load_config(config("quickstart.json"), {"data.path=" + test::fashion_mnist_dir(), "run.output_dir=" + dir_.string()}));
+  EXPECT_EQ(written, load_config(config("quickstart.json"),
+                                 {"data.path=" + test::fashion_mnist_dir(), "run.output_dir=" + dir_.string()}));
   const std::string log = slurp(run_dir / "train.log");
   EXPECT_NE(log.find("resolved config"), std::string::npos);
   EXPECT_NE(log.find("run.device = \"auto\" chose"), std::string::npos) << log;  // and says what it chose
@@ -163,12 +164,13 @@ TEST_F(Cli, ResumeAndPlacementChangesReuseTheRunButOthersAreRefused) {
 // The built-in defaults with only max_steps = 20 (a smoke test): the default warmup (100) is capped
 // at the run's length and the log says so; a small model and data keep it short.
 TEST_F(Cli, ShortRunWithTheDefaultWarmupTrains) {
-  const Result r = run("train --device cpu --set run.output_dir=" + dir_.string() + " --set data.path=" + test::fashion_mnist_dir() +
-                       " --set train.max_steps=20 --set run.num_threads=1 --set data.subset=64 --set data.resolution=16"
-                       " --set model.sample_size=16 --set model.block_out_channels=16,32"
-                       " --set model.down_block_types=DownBlock2D,DownBlock2D --set model.up_block_types=UpBlock2D,UpBlock2D"
-                       " --set train.batch_size=8 --set sampling.num_samples=4 --set sampling.num_inference_steps=2"
-                       " --set sampling.num_final_samples=0");
+  const Result r =
+      run("train --device cpu --set run.output_dir=" + dir_.string() + " --set data.path=" + test::fashion_mnist_dir() +
+          " --set train.max_steps=20 --set run.num_threads=1 --set data.subset=64 --set data.resolution=16"
+          " --set model.sample_size=16 --set model.block_out_channels=16,32"
+          " --set model.down_block_types=DownBlock2D,DownBlock2D --set model.up_block_types=UpBlock2D,UpBlock2D"
+          " --set train.batch_size=8 --set sampling.num_samples=4 --set sampling.num_inference_steps=2"
+          " --set sampling.num_final_samples=0");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.err.find("train.lr_warmup_steps: the default 100 exceeds train.max_steps = 20; using 20"), std::string::npos)
       << r.err;
@@ -194,7 +196,8 @@ TEST_F(Cli, BadImagesStopTheRunBeforeTraining) {
   const fs::path data = dir_ / "images";
   fs::create_directories(data);
   auto write = [&](const std::string& name, const std::vector<uint8_t>& b) {
-    std::ofstream(data / name, std::ios::binary).write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
+    std::ofstream(data / name, std::ios::binary)
+        .write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
   };
   std::vector<uint8_t> px(3 * 8 * 8);
   for (int i = 0; i < 16; ++i) {
@@ -210,7 +213,8 @@ TEST_F(Cli, BadImagesStopTheRunBeforeTraining) {
       " --set run.num_threads=1 --set data.dataset=image_folder --set data.path=" + data.string() +
       " --set data.resolution=8 --set data.channels=3 --set data.preload=false --set data.num_workers=0 --set model.sample_size=8"
       " --set model.in_channels=3 --set model.out_channels=3 --set model.block_out_channels=[8,16]"
-      " --set 'model.down_block_types=[\"DownBlock2D\",\"DownBlock2D\"]' --set 'model.up_block_types=[\"UpBlock2D\",\"UpBlock2D\"]'"
+      " --set 'model.down_block_types=[\"DownBlock2D\",\"DownBlock2D\"]' --set "
+      "'model.up_block_types=[\"UpBlock2D\",\"UpBlock2D\"]'"
       " --set train.batch_size=4 --set train.max_steps=3 --set train.lr_warmup_steps=0 --set logging.log_every=1"
       " --set logging.sample_every=0 --set checkpoint.every=1000 --set sampling.num_final_samples=0";
   for (const std::string& mode : {std::string(" --dry-run"), std::string()}) {

@@ -13,8 +13,14 @@ class Distributed : public TrainRun {
   // A port per test and process, so that parallel ctest runs do not collide.
   int port(int offset) const { return 20000 + static_cast<int>(::getpid() % 5000) * 8 + offset; }
   std::vector<std::string> launch(int nproc, int master_port, std::vector<std::string> command) const {
-    std::vector<std::string> a = {test::source_dir() + "/scripts/launch.sh", "--nproc-per-node",
-                                  std::to_string(nproc), "--master-port", std::to_string(master_port), "--kill-grace", "5", "--"};
+    std::vector<std::string> a = {test::source_dir() + "/scripts/launch.sh",
+                                  "--nproc-per-node",
+                                  std::to_string(nproc),
+                                  "--master-port",
+                                  std::to_string(master_port),
+                                  "--kill-grace",
+                                  "5",
+                                  "--"};
     a.insert(a.end(), command.begin(), command.end());
     return a;
   }

@@ -54,17 +54,32 @@ class TrainRun : public ::testing::Test {
   // A small real job: 256 Fashion-MNIST images at 16x16, a two-level UNet with attention, batch 8,
   // on the CPU (auto would take a GPU, where bit-exact reruns are not promised: atomics).
   std::vector<std::string> args(const std::string& name, int64_t max_steps, std::vector<std::string> extra = {}) const {
-    std::vector<std::string> a = {
-        difftrain_bin(), "train", "--config", source_dir() + "/configs/quickstart.json",
-        "--set", "run.output_dir=" + dir_.string(), "--set", "run.name=" + name, "--set", "run.num_threads=1",
-        "--set", "run.device=cpu", "--set", "data.path=" + fashion_mnist_dir(), "--set", "data.subset=256", "--set", "data.resolution=16", "--set", "model.sample_size=16",
-        "--set", "model.block_out_channels=[16, 32]", "--set", "model.down_block_types=[\"DownBlock2D\", \"AttnDownBlock2D\"]",
-        "--set", "model.up_block_types=[\"AttnUpBlock2D\", \"UpBlock2D\"]", "--set", "data.num_workers=1",
-        "--set", "train.batch_size=8", "--set", "train.max_steps=" + std::to_string(max_steps),
-        "--set", "train.lr_warmup_steps=5", "--set", "train.learning_rate=0.001", "--set", "train.lr_schedule=constant",
-        "--set", "logging.log_every=5", "--set", "logging.sample_every=20", "--set", "checkpoint.every=10",
-        "--set", "checkpoint.keep_last=10", "--set", "sampling.num_samples=4", "--set", "sampling.num_inference_steps=4",
-        "--set", "sampling.num_final_samples=6"};
+    std::vector<std::string> a = {difftrain_bin(), "train",
+                                  "--config",      source_dir() + "/configs/quickstart.json",
+                                  "--set",         "run.output_dir=" + dir_.string(),
+                                  "--set",         "run.name=" + name,
+                                  "--set",         "run.num_threads=1",
+                                  "--set",         "run.device=cpu",
+                                  "--set",         "data.path=" + fashion_mnist_dir(),
+                                  "--set",         "data.subset=256",
+                                  "--set",         "data.resolution=16",
+                                  "--set",         "model.sample_size=16",
+                                  "--set",         "model.block_out_channels=[16, 32]",
+                                  "--set",         "model.down_block_types=[\"DownBlock2D\", \"AttnDownBlock2D\"]",
+                                  "--set",         "model.up_block_types=[\"AttnUpBlock2D\", \"UpBlock2D\"]",
+                                  "--set",         "data.num_workers=1",
+                                  "--set",         "train.batch_size=8",
+                                  "--set",         "train.max_steps=" + std::to_string(max_steps),
+                                  "--set",         "train.lr_warmup_steps=5",
+                                  "--set",         "train.learning_rate=0.001",
+                                  "--set",         "train.lr_schedule=constant",
+                                  "--set",         "logging.log_every=5",
+                                  "--set",         "logging.sample_every=20",
+                                  "--set",         "checkpoint.every=10",
+                                  "--set",         "checkpoint.keep_last=10",
+                                  "--set",         "sampling.num_samples=4",
+                                  "--set",         "sampling.num_inference_steps=4",
+                                  "--set",         "sampling.num_final_samples=6"};
     for (auto& e : extra) a.push_back(std::move(e));
     return a;
   }
