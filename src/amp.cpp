@@ -1,6 +1,5 @@
 #include "difftrain/amp.h"
 
-#include <ATen/Version.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
 #include <ATen/ops/_amp_update_scale.h>
@@ -12,6 +11,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "difftrain/env.h"
 #include "difftrain/errors.h"
 
 namespace difftrain {
@@ -46,9 +46,8 @@ std::optional<c10::ScalarType> autocast_dtype(MixedPrecision mp, const c10::Devi
                          "would be emulated and slower than fp32); use no");
 #if defined(__x86_64__)
       // LibTorch's bf16 kernels (oneDNN's VNNI packing) need its AVX-512 code path, which
-      // ATEN_CPU_CAPABILITY=avx2 or =default turns off on a CPU that has it (at::show_config
-      // names the path in use; the function behind it is not exported).
-      if (device.is_cpu() && at::show_config().find("CPU capability usage: AVX512") == std::string::npos)
+      // ATEN_CPU_CAPABILITY=avx2 or =default turns off on a CPU that has it.
+      if (device.is_cpu() && cpu_capability() != "AVX512")
         throw UsageError(
             "train.mixed_precision = bf16 on the CPU needs LibTorch's AVX-512 kernels, but ATEN_CPU_CAPABILITY "
             "limits them to a lower level on this CPU; unset it, or use no");

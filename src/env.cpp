@@ -96,6 +96,13 @@ std::string nccl_runtime_version() {
 // "2.28.9" -> "2.28": NCCL keeps its ABI (ncclConfig_t included) within a minor version.
 std::string major_minor(const std::string& v) { return v.substr(0, v.rfind('.')); }
 
+// The "CPU capability usage: AVX512" line of at::show_config(): the kernel level ATen dispatches
+// to (ATEN_CPU_CAPABILITY can lower it; at::native::get_cpu_capability is not exported).
+std::string cpu_capability_of(const std::string& config) {
+  const auto p = config.find("CPU capability usage: ");
+  return p == std::string::npos ? std::string() : config.substr(p + 22, config.find('\n', p) - p - 22);
+}
+
 std::string cuda_version_text(int v) { return v ? fmt::format("{}.{}", v / 1000, (v % 1000) / 10) : "none"; }
 
 }  // namespace
@@ -130,10 +137,11 @@ EnvReport collect_env() {
 #endif
   e.hardware_threads = static_cast<int>(std::thread::hardware_concurrency());
   e.torch_threads = at::get_num_threads();
-  if (auto p = config.find("CPU capability usage: "); p != std::string::npos)
-    e.cpu_capability = config.substr(p + 22, config.find('\n', p) - p - 22);
+  e.cpu_capability = cpu_capability_of(config);
   return e;
 }
+
+std::string cpu_capability() { return cpu_capability_of(at::show_config()); }
 
 std::string format_env(const EnvReport& e) {
   std::string s;

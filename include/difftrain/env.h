@@ -55,6 +55,9 @@ EnvReport collect_env();
 std::string format_env(const EnvReport& env);
 nlohmann::ordered_json env_to_json(const EnvReport& env);
 
+// The CPU kernel level LibTorch dispatches to: "DEFAULT", "AVX2", "AVX512" (x86), as at::show_config() names it.
+std::string cpu_capability();
+
 // Set LibTorch's intra-op threads: 0 = all hardware threads. Returns the count in effect.
 int configure_threads(int num_threads);
 
