@@ -7,7 +7,8 @@
 What it is: a two-block CNN (conv 16, conv 32, each with BatchNorm, ReLU and 2x2 max-pool, then a
 128-unit hidden layer and 10 logits), trained with Adam on the 60,000 training images and scored on
 the 10,000 test images. Training is deterministic: seed 0, one CPU thread, deterministic algorithms,
-a fixed shuffle per epoch; the same torch build gives the same file.
+a fixed shuffle per epoch; the same torch build gives the same weights (two runs gave
+bit-identical FIDs; the .pt bytes themselves may differ, so its SHA-256 is not a stable key).
 
 The saved module has the interface of NVlabs' Inception TorchScript (docs/EVALUATION.md, "The
 feature network"): forward(img, return_features=False) with img float32 (N, 3, H, W) pixel values in
