@@ -8,11 +8,16 @@
 #include <c10/core/GradMode.h>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
 #include "difftrain/env.h"
 #include "difftrain/errors.h"
+
+#ifdef DIFFTRAIN_WITH_CUDA
+#include "cuda/cuda_probe.h"
+#endif
 
 namespace difftrain {
 
@@ -31,28 +36,64 @@ bool cpu_has_native_bf16() {
   }
   return false;
 }
+
+// Why bf16 cannot run natively on this CPU, or "" when it can.
+std::string cpu_bf16_obstacle() {
+  if (!cpu_has_native_bf16()) return "this CPU lacks AVX512-BF16 and AMX (bf16 would be emulated and slower than fp32)";
+#if defined(__x86_64__)
+  // LibTorch's bf16 kernels (oneDNN's VNNI packing) need its AVX-512 code path, which
+  // ATEN_CPU_CAPABILITY=avx2 or =default turns off on a CPU that has it.
+  if (cpu_capability() != "AVX512")
+    return "LibTorch's AVX-512 kernels are off (ATEN_CPU_CAPABILITY limits them to " + cpu_capability() + ")";
+#endif
+  return "";
+}
+
+// Why bf16 cannot run natively on this GPU, or "" when it can: tensor-core bf16 needs sm_80+.
+std::string cuda_bf16_obstacle([[maybe_unused]] const c10::Device& device) {
+#ifdef DIFFTRAIN_WITH_CUDA
+  const auto status = cuda::probe();
+  const auto index = static_cast<size_t>(std::max<c10::DeviceIndex>(device.index(), 0));
+  if (index < status.gpus.size() && status.gpus[index].major < 8)
+    return fmt::format("GPU {} has compute capability {}.{}; bf16 needs 8.0 or newer", index, status.gpus[index].major,
+                       status.gpus[index].minor);
+#endif
+  return "";
+}
 }  // namespace
 
-std::optional<c10::ScalarType> autocast_dtype(MixedPrecision mp, const c10::Device& device) {
+std::optional<c10::ScalarType> autocast_dtype(MixedPrecision mp, const c10::Device& device, std::string* reason) {
+  const auto say = [&](std::string why) {
+    if (reason) *reason = std::move(why);
+  };
   switch (mp) {
-    case MixedPrecision::no: return std::nullopt;
+    case MixedPrecision::no: say("train.mixed_precision = no"); return std::nullopt;
     case MixedPrecision::fp16:
       if (!device.is_cuda())
         throw UsageError(fmt::format("train.mixed_precision = fp16 needs CUDA (training on {}); use bf16 or no", device.str()));
+      say("train.mixed_precision = fp16");
       return c10::kHalf;
-    case MixedPrecision::bf16:
-      if (device.is_cpu() && !cpu_has_native_bf16())
-        throw UsageError("train.mixed_precision = bf16 on the CPU needs AVX512-BF16 or AMX, which this CPU lacks (bf16 "
-                         "would be emulated and slower than fp32); use no");
-#if defined(__x86_64__)
-      // LibTorch's bf16 kernels (oneDNN's VNNI packing) need its AVX-512 code path, which
-      // ATEN_CPU_CAPABILITY=avx2 or =default turns off on a CPU that has it.
-      if (device.is_cpu() && cpu_capability() != "AVX512")
-        throw UsageError(
-            "train.mixed_precision = bf16 on the CPU needs LibTorch's AVX-512 kernels, but ATEN_CPU_CAPABILITY "
-            "limits them to a lower level on this CPU; unset it, or use no");
-#endif
+    case MixedPrecision::bf16: {
+      if (device.is_cpu()) {
+        if (const auto why = cpu_bf16_obstacle(); !why.empty())
+          throw UsageError("train.mixed_precision = bf16 on the CPU is not possible here: " + why + "; use no or auto");
+      }
+      say("train.mixed_precision = bf16");
       return c10::kBFloat16;
+    }
+    case MixedPrecision::auto_: {
+      const auto why = device.is_cpu()    ? cpu_bf16_obstacle()
+                       : device.is_cuda() ? cuda_bf16_obstacle(device)
+                                          : "not a CPU or CUDA device";
+      if (!why.empty()) {
+        say("train.mixed_precision = auto: fp32, because " + why);
+        return std::nullopt;
+      }
+      say(device.is_cpu()
+              ? "train.mixed_precision = auto: bf16 autocast (the CPU has native bf16 and LibTorch uses its AVX-512 kernels)"
+              : "train.mixed_precision = auto: bf16 autocast (the GPU has bf16 tensor cores)");
+      return c10::kBFloat16;
+    }
   }
   return std::nullopt;
 }

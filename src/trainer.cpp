@@ -26,6 +26,7 @@
 #include "difftrain/errors.h"
 #include "difftrain/log.h"
 #include "difftrain/metrics.h"
+#include "difftrain/profiler.h"
 #include "difftrain/run.h"
 #include "difftrain/sampling.h"
 #include "difftrain/signals.h"
@@ -109,7 +110,9 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
     TORCH_CHECK(opts_.process_group->device() == opts_.device, "the process group communicates on ",
                 opts_.process_group->device(), " but training runs on ", opts_.device);
   }
-  autocast_ = autocast_dtype(tc.mixed_precision, opts_.device);
+  std::string precision_reason;
+  autocast_ = autocast_dtype(tc.mixed_precision, opts_.device, &precision_reason);
+  if (tc.mixed_precision == MixedPrecision::auto_ && rank_ == 0) log_info("{}", precision_reason);
 
   // The same initial weights on every rank: the model is built from the global seed.
   default_generator(c10::Device(c10::kCPU)).set_current_seed(static_cast<uint64_t>(cfg_.run.seed));
@@ -214,6 +217,12 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
           name == "conv_out.weight")
         histogram_params_.emplace_back(name, p);
     live_progress_ = cfg_.logging.progress && ::isatty(STDERR_FILENO);
+    if (const int64_t first = cfg_.logging.profile_start; first > 0) {
+      const int64_t last = first + cfg_.logging.profile_steps - 1;
+      profiler_ = std::make_unique<StepProfiler>(
+          first, cfg_.logging.profile_steps, opts_.run_dir / "profile" / fmt::format("steps_{}-{}.pt.trace.json", first, last),
+          opts_.device.is_cuda());
+    }
   }
 }
 
@@ -544,7 +553,13 @@ int Trainer::train() {
   const int64_t hist_every = cfg_.logging.histogram_every;
   while (step_ < tc.max_steps) {
     capture_grads_ = rank0 && hist_every > 0 && (step_ + 1) % hist_every == 0;
+    if (profiler_) profiler_->before_step(step_ + 1);
     train_step();
+    if (profiler_ && profiler_->after_step(step_)) {
+      progress_clear();
+      log_info("profiler trace of steps {}-{} written to {} (scripts/bench/profile_ops.py sums it by op type)",
+               cfg_.logging.profile_start, step_, profiler_->path().string());
+    }
     if (capture_grads_) write_histograms();
     progress_tick();
     const bool last = step_ == tc.max_steps;

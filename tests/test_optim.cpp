@@ -1,6 +1,10 @@
 // The optimizer half of a step against PyTorch and diffusers (tests/reference/make_reference.py):
 // torch.optim.AdamW, diffusers' get_scheduler and EMAModel, clip_grad_norm_, torch.amp.GradScaler;
 // plus gradient-accumulation equivalence and the autocast scope.
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+
 #include <gtest/gtest.h>
 #include <ATen/autocast_mode.h>
 #include <torch/torch.h>
@@ -274,6 +278,32 @@ TEST(Amp, AutocastScopeRunsMatmulInBf16AndRestores) {
 TEST(Amp, Fp16NeedsCuda) {
   EXPECT_THROW(autocast_dtype(MixedPrecision::fp16, torch::kCPU), UsageError);
   EXPECT_EQ(autocast_dtype(MixedPrecision::no, torch::kCPU), std::nullopt);
+}
+
+// `auto` is bf16 exactly where an explicit bf16 is accepted on this CPU, fp32 elsewhere, and says
+// which and why. The CPU's own flags decide, read independently here from /proc/cpuinfo.
+TEST(Amp, AutoPicksBf16WhereTheCpuHasIt) {
+  std::string reason;
+  const auto chosen = autocast_dtype(MixedPrecision::auto_, torch::kCPU, &reason);
+  bool explicit_ok = true;
+  try {
+    autocast_dtype(MixedPrecision::bf16, torch::kCPU);
+  } catch (const UsageError&) {
+    explicit_ok = false;
+  }
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  const std::string info((std::istreambuf_iterator<char>(cpuinfo)), std::istreambuf_iterator<char>());
+  const bool native = info.find(" avx512_bf16") != std::string::npos || info.find(" amx_bf16") != std::string::npos;
+  const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+  const bool capped = cap && std::string(cap) != "avx512";
+  if (!native || capped) EXPECT_FALSE(explicit_ok);
+  if (explicit_ok) {
+    EXPECT_EQ(chosen, c10::kBFloat16) << reason;
+    EXPECT_NE(reason.find("auto: bf16"), std::string::npos) << reason;
+  } else {
+    EXPECT_EQ(chosen, std::nullopt) << reason;
+    EXPECT_NE(reason.find("auto: fp32, because"), std::string::npos) << reason;
+  }
 }
 
 // k micro-batches of B/k, each loss divided by k, give the gradient of one batch of B.

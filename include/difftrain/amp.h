@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -16,8 +18,10 @@ namespace difftrain {
 
 // The autocast dtype for a mixed_precision setting on a device (nullopt = full fp32). Throws
 // UsageError when the device cannot do it: fp16 is CUDA-only, bf16 on a CPU needs AVX512-BF16
-// or AMX (elsewhere it is emulated and slower than fp32).
-std::optional<c10::ScalarType> autocast_dtype(MixedPrecision mp, const c10::Device& device);
+// or AMX (elsewhere it is emulated and slower than fp32). `auto` is bf16 where the hardware
+// computes it natively (CUDA compute capability >= 8.0; a CPU with AVX512-BF16 or AMX and
+// LibTorch's AVX-512 kernels) and fp32 elsewhere; `reason`, when given, receives why.
+std::optional<c10::ScalarType> autocast_dtype(MixedPrecision mp, const c10::Device& device, std::string* reason = nullptr);
 
 // Autocast on for the device type while in scope (torch.autocast(device_type, dtype)); the
 // previous state comes back on exit and the cast cache is cleared with the outermost scope.

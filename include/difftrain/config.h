@@ -54,7 +54,7 @@ DIFFTRAIN_ENUM(CropMode, center, random);
 DIFFTRAIN_ENUM(BadImagePolicy, fail, skip);
 DIFFTRAIN_ENUM(LrSchedule, constant, linear, cosine);
 DIFFTRAIN_ENUM(LrScaling, none, linear, sqrt);
-DIFFTRAIN_ENUM(MixedPrecision, no, bf16, fp16);
+DIFFTRAIN_ENUM(MixedPrecision, auto_, no, bf16, fp16);
 DIFFTRAIN_ENUM(OptimizerImpl, auto_, fused, foreach, loop);
 DIFFTRAIN_ENUM(LogLevel, trace, debug, info, warn, error);
 DIFFTRAIN_ENUM(DistBackend, auto_, nccl, gloo);
@@ -247,8 +247,10 @@ struct TrainConfig {
     v("weight_decay", weight_decay, "Decoupled weight decay (not applied to biases and norms).", {.min = 0});
     v("max_grad_norm", max_grad_norm, "Clip the global gradient L2 norm to this; 0 = no clipping.", {.min = 0});
     v("mixed_precision", mixed_precision,
-      "Autocast dtype: none, bf16 (on a CPU: with AVX512-BF16 or AMX and LibTorch's AVX-512 "
-      "kernels), or fp16 with dynamic loss scaling (CUDA only).");
+      "Autocast dtype: no (fp32), bf16 (on a CPU: with AVX512-BF16 or AMX and LibTorch's AVX-512 "
+      "kernels), fp16 with dynamic loss scaling (CUDA only), or auto: bf16 where the hardware has it "
+      "natively (GPUs of compute capability 8.0+, CPUs as for bf16), fp32 elsewhere; the log says "
+      "which and why.");
     v("class_dropout_prob", class_dropout_prob, "Probability of training on the null class (classifier-free guidance).",
       {.min = 0, .max = 1});
     v("max_nonfinite_steps", max_nonfinite_steps, "Stop after this many non-finite losses or gradients in a row (each such "
@@ -293,6 +295,8 @@ struct LoggingConfig {
   bool jsonl = true;
   bool progress = true;
   bool prometheus = false;
+  int64_t profile_start = 0;
+  int64_t profile_steps = 5;
 
   template <class V> void visit(V& v) {
     v("level", level, "Console and train.log level on rank 0 (other ranks log warnings and errors).");
@@ -303,6 +307,11 @@ struct LoggingConfig {
     v("jsonl", jsonl, "Write metrics.jsonl.");
     v("progress", progress, "Live progress line on an interactive console.");
     v("prometheus", prometheus, "Write metrics.prom for node_exporter's textfile collector.");
+    v("profile_start", profile_start,
+      "Trace steps profile_start .. profile_start + profile_steps - 1 with LibTorch's "
+      "profiler into profile/ (Chrome trace JSON, as torch.profiler writes it; rank 0); 0 = never.",
+      {.min = 0});
+    v("profile_steps", profile_steps, "Steps in the profiler trace.", {.min = 1, .max = 1000});
   }
   bool operator==(const LoggingConfig&) const = default;
 };

@@ -27,6 +27,7 @@
 namespace difftrain {
 
 class MetricsLogger;
+class StepProfiler;
 class ProcessGroup;
 
 // Per-sample diffusion loss (B): w(t) · mean over (C, H, W) of (model_output - target)², in
@@ -86,6 +87,7 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<EMAModel> ema_;
   std::unique_ptr<GradScaler> scaler_;  // fp16 only
+  std::unique_ptr<StepProfiler> profiler_;  // logging.profile_start > 0, rank 0
   std::optional<c10::ScalarType> autocast_;
   at::Generator generator_;             // t, ε and class dropout, on the device
   std::unique_ptr<MetricsLogger> metrics_;

@@ -5,7 +5,7 @@ of docs/PERFORMANCE.md's training figures; scripts/bench/train.sh runs both in o
     reference_train.py --config configs/quickstart.json [--set key.path=value ...]
                        [--mode eager|compile] [--device cpu|cuda] [--steps N] [--warmup N]
                        [--batch-size B] [--threads N] [--precision config|fp32|bf16|fp16]
-                       [--data synthetic|real] [--expect-params N]
+                       [--data synthetic|real] [--expect-params N] [--profile TRACE.json]
 
 It reads a difftrain config (a file as written, or the resolved one from `difftrain config print`;
 missing keys take difftrain's defaults, mirrored below), builds diffusers' UNet2DModel from
@@ -170,6 +170,8 @@ def main():
                     help="config: train.mixed_precision on CUDA, fp32 on the CPU")
     ap.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
     ap.add_argument("--expect-params", type=int, default=None, help="fail unless the model has this many parameters")
+    ap.add_argument("--profile", metavar="FILE", default=None,
+                    help="trace the timed steps with torch.profiler into FILE (Chrome trace; sum it with profile_ops.py)")
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.set)
@@ -282,11 +284,19 @@ def main():
     warmup_s = time.perf_counter() - w0
     loss_sum.zero_()
     norm_sum.zero_()
+    profiler = None
+    if args.profile:
+        from torch.profiler import profile, ProfilerActivity
+        profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+        profiler.__enter__()
     start = time.perf_counter()
     for i in range(args.warmup, args.warmup + args.steps):
         train_step(i)
     sync()
     secs = time.perf_counter() - start
+    if profiler:
+        profiler.__exit__(None, None, None)
+        profiler.export_chrome_trace(args.profile)
     mean_loss = loss_sum.item() / max(1, args.steps)  # the one host read of the timed steps
     mode_name = args.mode
     if args.mode == "compile":

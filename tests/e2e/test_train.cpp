@@ -3,6 +3,7 @@
 // deterministically across device types, a corrupt latest checkpoint falls back, a changed model
 // is refused, stop signals checkpoint and exit 75, and a diverging run stops with an error.
 #include "difftrain/checkpoint.h"
+#include "difftrain/safetensors.h"
 #include "e2e/train_run.h"
 #include "test_paths.h"
 
@@ -57,8 +58,8 @@ TEST_F(Train, Bf16OnTheCpuTrainsOrSaysWhyNot) {
   const int code = run(args("bf16", 30, {"--set", "train.mixed_precision=bf16"}), "bf16");
   if (code == 1) {
     const std::string e = err("bf16");
-    EXPECT_TRUE(e.find("needs AVX512-BF16 or AMX") != std::string::npos ||
-                e.find("needs LibTorch's AVX-512 kernels") != std::string::npos)
+    EXPECT_TRUE(e.find("lacks AVX512-BF16 and AMX") != std::string::npos ||
+                e.find("LibTorch's AVX-512 kernels are off") != std::string::npos)
         << e;
     return;
   }
@@ -69,6 +70,38 @@ TEST_F(Train, Bf16OnTheCpuTrainsOrSaysWhyNot) {
   for (std::string line; std::getline(jsonl, line);) losses.push_back(json::parse(line)["train/loss"].get<double>());
   ASSERT_GE(losses.size(), 2u);
   EXPECT_LT(losses.back(), 0.6 * losses.front());
+}
+
+// logging.profile_start traces the chosen steps into a Chrome trace that the summariser reads:
+// the UNet's convolutions appear with one forward per conv layer per step.
+TEST_F(Train, ProfilerTracesTheChosenSteps) {
+  const int code = run(args("prof", 6, {"--set", "logging.profile_start=3", "--set", "logging.profile_steps=2"}), "prof");
+  ASSERT_EQ(code, 0) << err("prof");
+  const fs::path trace = dir_ / "prof" / "profile" / "steps_3-4.pt.trace.json";
+  ASSERT_TRUE(fs::exists(trace)) << err("prof");
+  EXPECT_NE(err("prof").find("profiler trace of steps 3-4 written"), std::string::npos) << err("prof");
+  const auto events = json::parse(std::ifstream(trace))["traceEvents"];
+  int64_t conv_forwards = 0, backward = 0;
+  for (const auto& e : events) {
+    if (!e.contains("name") || e.value("cat", "") != "cpu_op") continue;
+    const auto name = e["name"].get<std::string>();
+    conv_forwards += name == "aten::convolution";
+    backward += name == "aten::convolution_backward";
+  }
+  // Each Conv2d of the model (its 4-d weights in the checkpoint) runs once forward and once
+  // backward per step.
+  int64_t convs = 0;
+  for (const auto& [name, t] : load_safetensors(dir_ / "prof" / "checkpoints" / "step_00000006" / "model.safetensors").tensors)
+    convs += t.dim() == 4;
+  ASSERT_GT(convs, 10);
+  EXPECT_EQ(conv_forwards, 2 * convs);
+  EXPECT_EQ(backward, 2 * convs);
+  const std::string python = test::python();
+  if (python.empty()) return;
+  const std::string cmd = python + " " + test::source_dir() + "/scripts/bench/profile_ops.py " + trace.string() +
+                          " --steps 2 > " + (dir_ / "ops.md").string() + " 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << slurp(dir_ / "ops.md");
+  EXPECT_NE(slurp(dir_ / "ops.md").find("| convolution (fwd + bwd) |"), std::string::npos) << slurp(dir_ / "ops.md");
 }
 
 TEST_F(Train, ResumeIsBitExact) {
