@@ -474,6 +474,15 @@ const std::vector<Rule>& rules() {
            e.push_back(fmt::format("sampling.num_inference_steps: {} exceeds diffusion.num_train_timesteps = {}",
                                    c.sampling.num_inference_steps, c.diffusion.num_train_timesteps));
        }},
+      {"`sampling.use_karras_sigmas` needs `sampling.sampler` = dpm_solver_multistep or unipc_multistep.",
+       [](const Config& c, Errors& e) {
+         if (c.sampling.use_karras_sigmas && c.sampling.sampler != Sampler::dpm_solver_multistep &&
+             c.sampling.sampler != Sampler::unipc_multistep)
+           e.push_back(
+               fmt::format("sampling.use_karras_sigmas: true needs sampling.sampler = dpm_solver_multistep or "
+                           "unipc_multistep, got {}",
+                           to_string(c.sampling.sampler)));
+       }},
       {"`sampling.guidance_scale` other than 1 needs a class-conditional model (`model.num_class_embeds`); with one, "
        "every `data.class_filter` label is below `model.num_class_embeds`.",
        [](const Config& c, Errors& e) {

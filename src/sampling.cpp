@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <type_traits>
 
 #include <ATen/Context.h>
 #include <ATen/ops/cat.h>
@@ -14,6 +15,8 @@
 
 #include "difftrain/data_formats.h"
 #include "difftrain/errors.h"
+#include "difftrain/euler_ancestral.h"
+#include "difftrain/multistep.h"
 
 namespace difftrain {
 
@@ -22,6 +25,8 @@ SamplingOptions SamplingOptions::from(const SamplingConfig& s) {
   o.sampler = s.sampler;
   o.num_inference_steps = s.num_inference_steps;
   o.eta = s.eta;
+  o.solver_order = s.solver_order;
+  o.use_karras_sigmas = s.use_karras_sigmas;
   o.num_samples = s.num_samples;
   o.batch_size = s.batch_size;
   o.guidance_scale = s.guidance_scale;
@@ -38,6 +43,24 @@ at::Tensor guided_model_output(UNet2DModel& model, const at::Tensor& x, const at
   const auto cond = out.slice(0, 0, x.size(0)), uncond = out.slice(0, x.size(0));
   return uncond + guidance_scale * (cond - uncond);
 }
+
+namespace {
+// diffusers' canonical loop for one batch x_T ~ N(0, I) (B, C, H, W): scale by init_noise_sigma,
+// then per timestep scale_model_input, the model, step. `step(out, t, x)` calls the scheduler's
+// own step with its extra arguments; the model sees the timestep as the scheduler keeps it
+// (int64, or float32 for Euler ancestral's fractional timesteps).
+template <class Scheduler, class Model, class Step>
+at::Tensor denoise(Scheduler& scheduler, int64_t num_inference_steps, at::Tensor x, const Model& model, const Step& step) {
+  scheduler.set_timesteps(num_inference_steps);  // also resets a multistep solver's history
+  x = x * scheduler.init_noise_sigma();
+  for (const auto t : scheduler.timesteps()) {
+    const auto model_input = scheduler.scale_model_input(x, t);
+    const auto out = model(model_input, t);
+    x = step(out, t, x);
+  }
+  return x;
+}
+}  // namespace
 
 at::Tensor generate(UNet2DModel& model, const SchedulerConfig& scheduler_cfg, const SamplingOptions& opts,
                     const c10::Device& device) {
@@ -60,38 +83,66 @@ at::Tensor generate(UNet2DModel& model, const SchedulerConfig& scheduler_cfg, co
   } restore{model, model->is_training()};
   model->eval();
 
-  DDPMScheduler ddpm(scheduler_cfg);
-  DDIMScheduler ddim(scheduler_cfg);
-  NoiseSchedule& schedule = opts.sampler == Sampler::ddpm ? static_cast<NoiseSchedule&>(ddpm) : ddim;
-  schedule.set_timesteps(opts.num_inference_steps);
-
+  TORCH_CHECK(opts.solver_order >= 1 && opts.solver_order <= 3, "generate: solver_order must be 1, 2 or 3, got ",
+              opts.solver_order);
   auto gen = at::globalContext().defaultGenerator(device).clone();  // private stream of this call
   gen.set_current_seed(static_cast<uint64_t>(opts.seed));
   const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
 
-  std::vector<at::Tensor> batches;
-  for (int64_t start = 0; start < opts.num_samples; start += opts.batch_size) {
-    const int64_t b = std::min(opts.batch_size, opts.num_samples - start);
-    at::Tensor labels;
-    if (conditional) {
-      std::vector<int64_t> y(static_cast<size_t>(b));
-      for (int64_t i = 0; i < b; ++i) {
-        const int64_t n = start + i;
-        y[static_cast<size_t>(i)] = opts.class_labels.empty()        ? n % *mc.num_class_embeds
-                                    : opts.class_labels.size() == 1 ? opts.class_labels[0]
-                                                                    : opts.class_labels[static_cast<size_t>(n)];
+  // Every batch through diffusers' loop with `scheduler`; step(out, t, x) is its step().
+  const auto sample_all = [&](auto& scheduler, const auto& step) {
+    std::vector<at::Tensor> batches;
+    for (int64_t start = 0; start < opts.num_samples; start += opts.batch_size) {
+      const int64_t b = std::min(opts.batch_size, opts.num_samples - start);
+      at::Tensor labels;
+      if (conditional) {
+        std::vector<int64_t> y(static_cast<size_t>(b));
+        for (int64_t i = 0; i < b; ++i) {
+          const int64_t n = start + i;
+          y[static_cast<size_t>(i)] = opts.class_labels.empty()       ? n % *mc.num_class_embeds
+                                      : opts.class_labels.size() == 1 ? opts.class_labels[0]
+                                                                      : opts.class_labels[static_cast<size_t>(n)];
+        }
+        labels = at::tensor(y, at::TensorOptions().dtype(at::kLong)).to(device);
       }
-      labels = at::tensor(y, at::TensorOptions().dtype(at::kLong)).to(device);
+      const auto x = at::randn({b, mc.in_channels, mc.sample_size, mc.sample_size}, gen, options);  // x_T ~ N(0, I)
+      const auto unet = [&](const at::Tensor& x_in, auto t) {  // (B, C, H, W); t as the scheduler keeps it
+        const auto dtype = std::is_floating_point_v<decltype(t)> ? at::kFloat : at::kLong;
+        return guided_model_output(model, x_in, at::full({b}, t, at::TensorOptions().dtype(dtype).device(device)), labels,
+                                   opts.guidance_scale);
+      };
+      batches.push_back(denoise(scheduler, opts.num_inference_steps, x, unet, step));
     }
-    auto x = at::randn({b, mc.in_channels, mc.sample_size, mc.sample_size}, gen, options);  // x_T ~ N(0, I)
-    for (const int64_t t : schedule.timesteps()) {
-      const auto t_batch = at::full({b}, t, at::TensorOptions().dtype(at::kLong).device(device));
-      const auto out = guided_model_output(model, x, t_batch, labels, opts.guidance_scale);
-      x = opts.sampler == Sampler::ddpm ? ddpm.step(out, t, x, gen).prev_sample : ddim.step(out, t, x, opts.eta, gen).prev_sample;
+    return at::cat(batches);  // (N, C, H, W)
+  };
+
+  switch (opts.sampler) {
+    case Sampler::ddpm: {
+      DDPMScheduler s(scheduler_cfg);
+      return sample_all(
+          s, [&](const at::Tensor& out, int64_t t, const at::Tensor& x) { return s.step(out, t, x, gen).prev_sample; });
     }
-    batches.push_back(x);
+    case Sampler::ddim: {
+      DDIMScheduler s(scheduler_cfg);
+      return sample_all(
+          s, [&](const at::Tensor& out, int64_t t, const at::Tensor& x) { return s.step(out, t, x, opts.eta, gen).prev_sample; });
+    }
+    case Sampler::dpm_solver_multistep: {
+      DPMSolverMultistepScheduler s(scheduler_cfg, opts.solver_order, opts.use_karras_sigmas);
+      return sample_all(
+          s, [&](const at::Tensor& out, int64_t t, const at::Tensor& x) { return s.step(out, t, x, gen).prev_sample; });
+    }
+    case Sampler::unipc_multistep: {
+      UniPCMultistepScheduler s(scheduler_cfg, opts.solver_order, opts.use_karras_sigmas);
+      return sample_all(s, [&](const at::Tensor& out, int64_t t, const at::Tensor& x) { return s.step(out, t, x).prev_sample; });
+    }
+    case Sampler::euler_ancestral: {
+      EulerAncestralDiscreteScheduler s(scheduler_cfg);
+      return sample_all(s,
+                        [&](const at::Tensor& out, float t, const at::Tensor& x) { return s.step(out, t, x, gen).prev_sample; });
+    }
   }
-  return at::cat(batches);  // (N, C, H, W)
+  TORCH_CHECK(false, "generate: unknown sampler");
 }
 
 at::Tensor to_uint8(const at::Tensor& images) {

@@ -78,9 +78,10 @@ at::Tensor rescale_zero_terminal_snr(const at::Tensor& betas) {
   return 1 - alphas;
 }
 
-std::vector<int64_t> inference_timesteps(const SchedulerConfig& cfg, int64_t n) {
+namespace {
+// diffusers' layouts of `n` descending timesteps (no range check: the multistep layout asks for n + 1).
+std::vector<int64_t> timestep_layout(const SchedulerConfig& cfg, int64_t n) {
   const int64_t T = cfg.num_train_timesteps;
-  TORCH_CHECK(n >= 1 && n <= T, "num_inference_steps must be in [1, ", T, "], got ", n);
   std::vector<int64_t> ts;
   switch (cfg.timestep_spacing) {
     case TimestepSpacing::linspace: {  // np.linspace(0, T-1, n).round()[::-1]
@@ -104,6 +105,35 @@ std::vector<int64_t> inference_timesteps(const SchedulerConfig& cfg, int64_t n) 
     }
   }
   return ts;
+}
+}  // namespace
+
+std::vector<int64_t> inference_timesteps(const SchedulerConfig& cfg, int64_t n) {
+  const int64_t T = cfg.num_train_timesteps;
+  TORCH_CHECK(n >= 1 && n <= T, "num_inference_steps must be in [1, ", T, "], got ", n);
+  return timestep_layout(cfg, n);
+}
+
+std::vector<int64_t> multistep_inference_timesteps(const SchedulerConfig& cfg, int64_t n) {
+  const int64_t T = cfg.num_train_timesteps;
+  TORCH_CHECK(n >= 1 && n <= T, "num_inference_steps must be in [1, ", T, "], got ", n);
+  if (cfg.timestep_spacing == TimestepSpacing::trailing) return timestep_layout(cfg, n);
+  // linspace: np.linspace(0, T-1, n+1).round()[::-1][:-1]; leading: arange(0, n+1) * (T // (n+1)),
+  // reversed, without the last, plus steps_offset.
+  auto ts = timestep_layout(cfg, n + 1);
+  ts.pop_back();
+  return ts;
+}
+
+at::Tensor sigma_alphas_cumprod(const SchedulerConfig& cfg, const at::Tensor& alphas_cumprod) {
+  if (!cfg.rescale_betas_zero_snr) return alphas_cumprod;
+  auto acp = alphas_cumprod.clone();
+  acp[-1].fill_(0x1p-24);  // "Close to 0 without being 0 so first sigma is not inf"
+  return acp;
+}
+
+at::Tensor vp_sigmas(const at::Tensor& alphas_cumprod) {
+  return ((1 - alphas_cumprod) / alphas_cumprod).pow(0.5);  // ** 0.5, as diffusers writes it (not sqrt: they round differently)
 }
 
 // ---------------------------------------------------------------------------------------------

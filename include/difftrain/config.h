@@ -58,7 +58,7 @@ DIFFTRAIN_ENUM(MixedPrecision, auto_, no, bf16, fp16);
 DIFFTRAIN_ENUM(OptimizerImpl, auto_, fused, foreach, loop);
 DIFFTRAIN_ENUM(LogLevel, trace, debug, info, warn, error);
 DIFFTRAIN_ENUM(DistBackend, auto_, nccl, gloo);
-DIFFTRAIN_ENUM(Sampler, ddpm, ddim);
+DIFFTRAIN_ENUM(Sampler, ddpm, ddim, dpm_solver_multistep, unipc_multistep, euler_ancestral);
 
 // ---------------------------------------------------------------------------------------------
 // What a field allows, beyond its type. Numeric bounds apply to numbers and to list elements.
@@ -349,6 +349,8 @@ struct SamplingConfig {
   Sampler sampler = Sampler::ddim;
   int num_inference_steps = 25;
   double eta = 0.0;
+  int solver_order = 2;
+  bool use_karras_sigmas = false;
   int num_samples = 64;
   int batch_size = 125;
   double guidance_scale = 1.0;
@@ -357,9 +359,19 @@ struct SamplingConfig {
   int num_final_samples = 1000;
 
   template <class V> void visit(V& v) {
-    v("sampler", sampler, "Sampler for grids and `difftrain sample`.");
+    v("sampler", sampler,
+      "Sampler for grids and `difftrain sample`, as diffusers names its scheduler: DDPMScheduler, "
+      "DDIMScheduler, DPMSolverMultistepScheduler (DPM-Solver++), UniPCMultistepScheduler, EulerAncestralDiscreteScheduler.");
     v("num_inference_steps", num_inference_steps, "Denoising steps.", {.min = 1});
     v("eta", eta, "DDIM η: 0 = deterministic, 1 = DDPM-like variance.", {.min = 0, .max = 1});
+    v("solver_order", solver_order,
+      "Order of dpm_solver_multistep and unipc_multistep (diffusers' solver_order); 2 for "
+      "unconditional and class-guided sampling, 3 for unguided sampling with few steps.",
+      {.min = 1, .max = 3});
+    v("use_karras_sigmas", use_karras_sigmas,
+      "dpm_solver_multistep and unipc_multistep: step through the σ schedule of "
+      "Karras et al. 2022 (eq. 5, ρ = 7) instead of the timestep spacing.",
+      {.note = "only with those two samplers"});
     v("num_samples", num_samples, "Images per grid.", {.min = 1, .max = 4096});
     v("batch_size", batch_size, "Images generated at once.", {.min = 1});
     v("guidance_scale", guidance_scale, "Classifier-free guidance scale; 1 = no guidance.", {.min = 0});

@@ -1,5 +1,6 @@
-// Generating images from a model and a scheduler (diffusers DDPMPipeline / DDIMPipeline), with
-// optional class labels and classifier-free guidance (Ho & Salimans 2022).
+// Generating images from a model and a scheduler in diffusers' canonical loop (DDPMPipeline,
+// DDIMPipeline, and the same loop with DPMSolverMultistep, UniPCMultistep and EulerAncestralDiscrete
+// schedulers), with optional class labels and classifier-free guidance (Ho & Salimans 2022).
 #pragma once
 
 #include <cstdint>
@@ -16,9 +17,11 @@
 namespace difftrain {
 
 struct SamplingOptions {
-  Sampler sampler = Sampler::ddim;       // ddpm | ddim
-  int64_t num_inference_steps = 50;      // DDPM usually T; DDIM 50
+  Sampler sampler = Sampler::ddim;       // ddpm | ddim | dpm_solver_multistep | unipc_multistep | euler_ancestral
+  int64_t num_inference_steps = 50;      // DDPM usually T; DDIM 50; DPM-Solver++ / UniPC 10-25
   double eta = 0.0;                      // DDIM η
+  int64_t solver_order = 2;              // DPM-Solver++ / UniPC order, 1..3
+  bool use_karras_sigmas = false;        // DPM-Solver++ / UniPC: Karras et al. σ schedule
   int64_t num_samples = 16;
   int64_t batch_size = 16;               // images denoised at once
   double guidance_scale = 1.0;           // ε = ε_∅ + s (ε_c - ε_∅); 1 = plain conditional
@@ -28,7 +31,8 @@ struct SamplingOptions {
   static SamplingOptions from(const SamplingConfig& s);
 };
 
-// Denoises num_samples images of the model's shape. Returns float samples (N, C, H, W) in
+// Denoises num_samples images of the model's shape in diffusers' loop: x = randn · init_noise_sigma,
+// then for each t: out = model(scale_model_input(x, t), t), x = step(out, t, x, generator). Returns float samples (N, C, H, W) in
 // about [-1, 1] on `device`. The model is put in eval mode and run without gradients.
 at::Tensor generate(UNet2DModel& model, const SchedulerConfig& scheduler, const SamplingOptions& opts,
                     const c10::Device& device);

@@ -44,6 +44,17 @@ at::Tensor make_betas(const SchedulerConfig& cfg);
 at::Tensor rescale_zero_terminal_snr(const at::Tensor& betas);
 // Inference timesteps for `n` steps, descending, as diffusers' set_timesteps lays them out.
 std::vector<int64_t> inference_timesteps(const SchedulerConfig& cfg, int64_t n);
+// The layout of DPMSolverMultistepScheduler and UniPCMultistepScheduler: "linspace" and "leading"
+// place n + 1 points and drop the last (t = 0), "trailing" is the DDPM one.
+std::vector<int64_t> multistep_inference_timesteps(const SchedulerConfig& cfg, int64_t n);
+
+// ᾱ as diffusers' σ-parametrised schedulers (DPMSolverMultistep, UniPCMultistep,
+// EulerAncestralDiscrete) hold it: with rescale_betas_zero_snr, ᾱ_{T-1} = 2^-24 instead of 0, so
+// that σ_{T-1} is finite. (T) float32.
+at::Tensor sigma_alphas_cumprod(const SchedulerConfig& cfg, const at::Tensor& alphas_cumprod);
+// σ_t = √((1 - ᾱ_t) / ᾱ_t), the noise level of x_t / √ᾱ_t = x₀ + σ_t ε (Karras et al. 2022, §2 and
+// Table 1, "VP"), in diffusers' float32 operations. (T) float32.
+at::Tensor vp_sigmas(const at::Tensor& alphas_cumprod);
 
 struct SchedulerOutput {
   at::Tensor prev_sample;           // x_{t-1}
@@ -77,6 +88,9 @@ class NoiseSchedule {
   void set_timesteps(int64_t num_inference_steps);
   const std::vector<int64_t>& timesteps() const { return timesteps_; }
   int64_t num_inference_steps() const { return num_inference_steps_; }
+  // diffusers' sampling interface, trivial here: x_T ~ N(0, I) and the model sees x_t unscaled.
+  float init_noise_sigma() const { return 1.0f; }
+  at::Tensor scale_model_input(const at::Tensor& sample, int64_t /*timestep*/) const { return sample; }
   // The timestep a reverse step from t lands on (negative: done). Here, as DDIM defines it:
   // t - T / num_inference_steps; DDPMScheduler takes the next entry of timesteps() instead.
   virtual int64_t previous_timestep(int64_t t) const;

@@ -47,6 +47,8 @@ struct SampleOptions {
   std::string sampler;
   int64_t steps = 0;
   double eta = 0;
+  int64_t solver_order = 2;
+  bool karras_sigmas = false;
   std::string class_label;  // K | all
   double guidance_scale = 1;
   int64_t seed = 0;

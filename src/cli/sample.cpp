@@ -1,4 +1,4 @@
-// `difftrain sample`: images from a checkpoint (DDPM or DDIM, class labels and classifier-free
+// `difftrain sample`: images from a checkpoint (DDPM, DDIM, DPM-Solver++, UniPC or Euler ancestral, class labels and classifier-free
 // guidance for class-conditional models), one PNG each plus grid.png. Also the checkpoint and
 // sampling options that eval and export share.
 #include <regex>
@@ -63,9 +63,13 @@ void add_sample_options(CLI::App* cmd, SampleOptions& opts, const std::string& n
       ->type_name("N")
       ->check(CLI::PositiveNumber)
       ->group("Sampling");
-  add(cmd->add_option("--sampler", opts.sampler, "ddpm (Ho et al. 2020) or ddim (Song et al. 2021)" + from + "sampler)"))
-      ->type_name("ddpm|ddim")
-      ->check(CLI::IsMember({"ddpm", "ddim"}))
+  add(cmd->add_option("--sampler", opts.sampler,
+                      "ddpm (Ho et al. 2020), ddim (Song et al. 2021), dpm_solver_multistep (DPM-Solver++, Lu et al. 2022), "
+                      "unipc_multistep (UniPC, Zhao et al. 2023) or euler_ancestral (Karras et al. 2022), as diffusers' "
+                      "schedulers compute them" +
+                          from + "sampler)"))
+      ->type_name("NAME")
+      ->check(CLI::IsMember(enum_names<Sampler>()))
       ->group("Sampling");
   add(cmd->add_option("--steps", opts.steps, "Denoising steps" + from + "num_inference_steps)"))
       ->type_name("S")
@@ -74,6 +78,15 @@ void add_sample_options(CLI::App* cmd, SampleOptions& opts, const std::string& n
   add(cmd->add_option("--eta", opts.eta, "DDIM η: 0 deterministic, 1 DDPM-like variance" + from + "eta)"))
       ->type_name("E")
       ->check(CLI::Range(0.0, 1.0))
+      ->group("Sampling");
+  add(cmd->add_option("--solver-order", opts.solver_order,
+                      "Order of dpm_solver_multistep and unipc_multistep" + from + "solver_order)"))
+      ->type_name("1|2|3")
+      ->check(CLI::Range(1, 3))
+      ->group("Sampling");
+  add(cmd->add_flag(
+          "--karras-sigmas,!--no-karras-sigmas", opts.karras_sigmas,
+          "dpm_solver_multistep and unipc_multistep: the σ schedule of Karras et al. 2022" + from + "use_karras_sigmas)"))
       ->group("Sampling");
   add(cmd->add_option("--class-label", opts.class_label,
                       "Class-conditional models: one class K for every sample, or 'all' to cycle through the classes "
@@ -114,6 +127,15 @@ SamplingOptions sampling_options(const SampleOptions& opts, const Config& cfg, i
   if (given(opts, "--sampler")) s.sampler = *enum_from_string<Sampler>(opts.sampler);
   if (given(opts, "--steps")) s.num_inference_steps = opts.steps;
   if (given(opts, "--eta")) s.eta = opts.eta;
+  if (given(opts, "--solver-order")) s.solver_order = opts.solver_order;
+  if (given(opts, "--karras-sigmas")) s.use_karras_sigmas = opts.karras_sigmas;
+  const bool multistep = s.sampler == Sampler::dpm_solver_multistep || s.sampler == Sampler::unipc_multistep;
+  if (!multistep && !given(opts, "--karras-sigmas")) s.use_karras_sigmas = false;  // the config's, for its own sampler
+  if (s.use_karras_sigmas && !multistep)
+    throw UsageError(
+        fmt::format("--karras-sigmas (sampling.use_karras_sigmas) needs --sampler dpm_solver_multistep or "
+                    "unipc_multistep, not {}",
+                    to_string(s.sampler)));
   if (given(opts, "--seed")) s.seed = opts.seed;
   if (given(opts, "--batch-size")) s.batch_size = opts.batch_size;
   if (s.num_inference_steps > cfg.diffusion.num_train_timesteps)

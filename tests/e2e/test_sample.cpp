@@ -196,6 +196,13 @@ TEST_F(Sample, ErrorsSayWhatIsWrong) {
   r = sample("uncond", root() / "e2", {"--guidance-scale", "3"});
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("needs a class-conditional model"), std::string::npos) << r.err;
+  // Karras σ for a sampler without them; an unknown sampler lists the names.
+  r = sample("uncond", root() / "e_karras", {"--sampler", "ddim", "--karras-sigmas"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("needs --sampler dpm_solver_multistep or unipc_multistep, not ddim"), std::string::npos) << r.err;
+  r = sample("uncond", root() / "e_sampler", {"--sampler", "dpm++"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("euler_ancestral"), std::string::npos) << r.err;
   // Bad paths.
   r = run({"sample", "--checkpoint", (root() / "nowhere").string(), "--device", "cpu"});
   EXPECT_EQ(r.code, 1);
@@ -235,6 +242,27 @@ TEST_F(Sample, ExportedFolderReproducesTheSamplesInDiffusers) {
     EXPECT_EQ(slurp(c / "export" / f), slurp(root() / "export_again" / f)) << f << ": export is not deterministic";
   std::ofstream(c / "ddim.json") << R"({"num_images": 4, "steps": 4, "seed": 5, "eta": 0.0})";
   std::ofstream(c / "ddpm.json") << R"({"steps": 3, "seed": 0})";
+  // The fast samplers in diffusers' canonical loop (scheduler from_config of the exported one).
+  struct FastRun {
+    std::string name, sampler;
+    int steps, order;
+    bool karras;
+  };
+  const std::vector<FastRun> fast = {{"dpm2", "dpm_solver_multistep", 5, 2, false},
+                                     {"dpm3_karras", "dpm_solver_multistep", 6, 3, true},
+                                     {"unipc2", "unipc_multistep", 5, 2, false},
+                                     {"unipc3_karras", "unipc_multistep", 6, 3, true},
+                                     {"euler_ancestral", "euler_ancestral", 6, 2, false}};
+  json runs = json::array();
+  for (const auto& f : fast)
+    runs.push_back({{"name", f.name},
+                    {"sampler", f.sampler},
+                    {"num_images", 4},
+                    {"steps", f.steps},
+                    {"seed", 7},
+                    {"solver_order", f.order},
+                    {"use_karras_sigmas", f.karras}});
+  std::ofstream(c / "samplers.json") << runs.dump(1);
   ASSERT_EQ(python("tests/export/check_diffusers.py " + c.string(), root() / "diffusers.log"), 0) << slurp(root() / "diffusers.log");
 
   const fs::path ours = root() / "for_diffusers";
@@ -249,6 +277,24 @@ TEST_F(Sample, ExportedFolderReproducesTheSamplesInDiffusers) {
     EXPECT_LE(diff, 1) << "image " << i << " differs from diffusers' DDIMPipeline by " << diff << " levels";
   }
   EXPECT_EQ(theirs.at("ddpm_image").sizes(), (std::vector<int64_t>{16, 16, 1}));
+
+  // Our sampler, the same model and seed: within one grey level of diffusers' loop (the UNet
+  // forwards round alike but not identically; a grey level is 2/255 of [-1, 1]).
+  for (const auto& f : fast) {
+    const fs::path mine_dir = root() / ("for_diffusers_" + f.name);
+    std::vector<std::string> args = {"-n",     "4", "--batch-size", "4",       "--steps",        std::to_string(f.steps),
+                                     "--seed", "7", "--sampler",    f.sampler, "--solver-order", std::to_string(f.order)};
+    if (f.karras) args.push_back("--karras-sigmas");
+    r = sample("uncond", mine_dir, args);
+    ASSERT_EQ(r.code, 0) << f.name << ": " << r.err;
+    const auto want = theirs.at("images_" + f.name);  // (N, H, W, 1) uint8
+    ASSERT_EQ(want.sizes(), (std::vector<int64_t>{4, 16, 16, 1})) << f.name;
+    for (int64_t i = 0; i < 4; ++i) {
+      const auto mine = read_image_file(mine_dir / fmt::format("{:06d}.png", i)).to(torch::kInt);  // (1, 16, 16)
+      const auto diff = (mine[0] - want[i].select(-1, 0).to(torch::kInt)).abs().max().item<int>();
+      EXPECT_LE(diff, 1) << f.name << " image " << i << " differs from diffusers' loop by " << diff << " levels";
+    }
+  }
 }
 
 // export -> train --init-from: the new run starts from exactly those weights; another

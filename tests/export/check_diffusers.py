@@ -8,11 +8,15 @@ Each CASE_DIR holds the exported folder `export/`, and optionally
   inputs.safetensors   sample (B, C, H, W), timesteps (B), class_labels (B): a UNet2DModel forward
   ddim.json            {"num_images", "steps", "seed", "eta"}: a DDIMPipeline run (CPU generator)
   ddpm.json            {"steps", "seed"}: a DDPMPipeline.from_pretrained run of one image
+  samplers.json        [{"name", "sampler", "num_images", "steps", "seed", "solver_order", "use_karras_sigmas"}]:
+                       diffusers' canonical loop with DPMSolverMultistepScheduler, UniPCMultistepScheduler or
+                       EulerAncestralDiscreteScheduler made from_config of the exported scheduler (CPU generator)
 For each it writes
   diffusers.json          the classes diffusers built, the UNet and scheduler configs, the state-dict
                           keys with shapes and dtypes, the pipeline's components
   diffusers.safetensors   output (the forward), alphas_cumprod and betas of the scheduler, images
-                          (N, H, W, C) uint8 of the DDIM run, ddpm_image of the DDPM run
+                          (N, H, W, C) uint8 of the DDIM run, ddpm_image of the DDPM run, images_<name> of
+                          each samplers.json run
   pipeline/               DDPMPipeline.save_pretrained of the loaded pipeline (diffusers' own layout)
 --signature-defaults writes UNet2DModel.__init__'s default arguments.
 
@@ -25,7 +29,9 @@ import sys
 
 import numpy as np
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, UNet2DModel, UniPCMultistepScheduler)
+from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 
 torch.set_num_threads(1)
@@ -76,6 +82,29 @@ for case in sys.argv[1:]:
         image = pipe(batch_size=1, generator=torch.Generator("cpu").manual_seed(run["seed"]), num_inference_steps=run["steps"],
                      output_type="np").images[0]
         out["ddpm_image"] = torch.from_numpy(np.round(image * 255).astype(np.uint8))
+    samplers_path = os.path.join(case, "samplers.json")
+    if os.path.exists(samplers_path):
+        with open(samplers_path) as f:
+            runs = json.load(f)
+        classes = {"dpm_solver_multistep": DPMSolverMultistepScheduler, "unipc_multistep": UniPCMultistepScheduler,
+                   "euler_ancestral": EulerAncestralDiscreteScheduler}
+        for run in runs:
+            kw = {} if run["sampler"] == "euler_ancestral" else dict(solver_order=run.get("solver_order", 2),
+                                                                     use_karras_sigmas=run.get("use_karras_sigmas", False))
+            sched = classes[run["sampler"]].from_config(scheduler.config, **kw)
+            sched.set_timesteps(run["steps"])
+            generator = torch.Generator("cpu").manual_seed(run["seed"])
+            c, s = unet.config.in_channels, unet.config.sample_size
+            # The canonical loop of diffusers' pipelines (e.g. StableDiffusionPipeline, without text).
+            latents = randn_tensor((run["num_images"], c, s, s), generator=generator) * sched.init_noise_sigma
+            with torch.no_grad():
+                for t in sched.timesteps:
+                    model_input = sched.scale_model_input(latents, t)
+                    noise_pred = unet(model_input, t).sample
+                    extra = {} if run["sampler"] == "unipc_multistep" else dict(generator=generator)
+                    latents = sched.step(noise_pred, t, latents, **extra).prev_sample
+            images = (latents / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # as the pipelines post-process
+            out["images_" + run["name"]] = torch.from_numpy(np.round(images * 255).astype(np.uint8))
     pipe.save_pretrained(os.path.join(case, "pipeline"))
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(case, "diffusers.safetensors"))
     with open(os.path.join(case, "diffusers.json"), "w") as f:

@@ -5,6 +5,8 @@
 
 OUT_DIR/unet_cases.json + unet_<name>.pt   UNet2DModel configs, weights by diffusers name, inputs, outputs
 OUT_DIR/scheduler.json + scheduler.pt      DDPMScheduler / DDIMScheduler tables, timesteps and step outputs
+OUT_DIR/samplers.json + samplers.pt        DPMSolverMultistep / UniPCMultistep / EulerAncestralDiscrete timesteps,
+                                           sigmas, and every step of whole trajectories
 OUT_DIR/param_counts.json                  parameter counts of diffusers models for our presets
 OUT_DIR/optim.json + optim.pt              torch.optim.AdamW steps, diffusers get_scheduler LRs, EMAModel, clip_grad_norm_,
                                            torch.amp.GradScaler's scale sequence
@@ -238,6 +240,120 @@ oc["scaler"] = dict(init_scale=1024.0, growth_factor=2.0, backoff_factor=0.5, gr
 save("optim.pt", ot)
 with open(os.path.join(OUT, "optim.json"), "w") as f:
     json.dump(oc, f, indent=1)
+
+# --------------------------------------------------------------------------------------------
+# Fast samplers: DPMSolverMultistepScheduler (dpmsolver++, midpoint), UniPCMultistepScheduler (bh2,
+# predict_x0), EulerAncestralDiscreteScheduler, built from our DDPM config dict as a diffusers user
+# would (from_config of the exported scheduler_config.json: timestep_spacing and steps_offset come
+# from it).
+import copy
+
+from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, UniPCMultistepScheduler
+
+FAST = {"dpm_solver_multistep": DPMSolverMultistepScheduler, "unipc_multistep": UniPCMultistepScheduler,
+        "euler_ancestral": EulerAncestralDiscreteScheduler}
+
+
+def fast_scheduler(sampler, solver_order=2, karras=False, **kw):
+    # Every key explicit, as in an exported scheduler_config.json: from_config drops the keys listed
+    # in _use_default_values (then the new class takes its own default, e.g. timestep_spacing).
+    base = {k: v for k, v in DDPMScheduler(num_train_timesteps=T, **kw).config.items() if k != "_use_default_values"}
+    extra = {} if sampler == "euler_ancestral" else dict(solver_order=solver_order, use_karras_sigmas=karras)
+    return FAST[sampler].from_config(base, **extra)
+
+
+st, sc = {}, {"layouts": [], "trajectories": []}
+for sampler in FAST:
+    layouts = [dict(timestep_spacing=sp, steps_offset=1 if sp == "leading" and n == 25 else 0, n=n)
+               for sp in ["leading", "trailing", "linspace"] for n in [1, 2, 3, 7, 10, 25, 50, 333, 1000]]
+    layouts += [dict(beta_schedule=b, n=n) for b in ["scaled_linear", "squaredcos_cap_v2"] for n in [4, 20]]
+    layouts += [dict(beta_schedule="scaled_linear", rescale_betas_zero_snr=True, prediction_type="v_prediction", n=12)]
+    if sampler != "euler_ancestral":
+        layouts += [dict(karras=True, n=n, **b) for n in [1, 5, 10, 25, 100]
+                    for b in [{}, dict(beta_schedule="scaled_linear"), dict(beta_schedule="squaredcos_cap_v2")]]
+    for lay in layouts:
+        kw = {k: v for k, v in lay.items() if k not in ("n", "karras")}
+        s = fast_scheduler(sampler, karras=lay.get("karras", False), **kw)
+        s.set_timesteps(lay["n"])
+        key = f"layout.{len(sc['layouts'])}"
+        st[key + ".sigmas"] = s.sigmas
+        sc["layouts"].append(dict(sampler=sampler, key=key, timesteps=s.timesteps.tolist(), karras=lay.get("karras", False),
+                                  init_noise_sigma=float(s.init_noise_sigma), **kw, n=lay["n"]))
+
+# Whole trajectories with given model outputs (random: every coefficient matters). At each step
+# the C++ test feeds diffusers' own sample and model output, so the steps are compared one by
+# one. For the multistep solvers, "exact" is the same update in float64 (the float32 scalars of
+# the schedule, float64 tensors) from diffusers' own update functions.
+TRAJ = []
+for pred in PREDICTIONS:
+    for order in (2, 3):
+        for karras in (False, True):
+            TRAJ.append(dict(sampler="dpm_solver_multistep", prediction_type=pred, solver_order=order, karras=karras, n=10))
+        TRAJ.append(dict(sampler="unipc_multistep", prediction_type=pred, solver_order=order, karras=False, n=10))
+    TRAJ.append(dict(sampler="euler_ancestral", prediction_type=pred, n=10) if pred != "sample" else None)
+TRAJ = [c for c in TRAJ if c is not None]
+TRAJ += [dict(sampler="dpm_solver_multistep", prediction_type="epsilon", solver_order=3, karras=False, n=16,
+              timestep_spacing="linspace"),
+         dict(sampler="unipc_multistep", prediction_type="v_prediction", solver_order=3, karras=True, n=16,
+              beta_schedule="scaled_linear"),
+         dict(sampler="unipc_multistep", prediction_type="epsilon", solver_order=1, karras=False, n=6),
+         dict(sampler="euler_ancestral", prediction_type="epsilon", n=12, timestep_spacing="linspace"),
+         dict(sampler="euler_ancestral", prediction_type="v_prediction", n=7, timestep_spacing="trailing")]
+
+
+def exact_multistep(s, sampler, m, t, x):
+    """The step diffusers' scheduler `s` is about to take, in float64 tensors (its update functions)."""
+    c = copy.deepcopy(s)
+    c.model_outputs = [None if o is None else o.double() for o in c.model_outputs]
+    if c.step_index is None:
+        c._init_step_index(t)
+    x, m = x.double(), m.double()
+    n = len(c.timesteps)
+    order = c.config.solver_order
+    if sampler == "dpm_solver_multistep":
+        final = c.step_index == n - 1
+        second = c.step_index == n - 2 and n < 15
+        x0 = c.convert_model_output(m, sample=x)
+        c.model_outputs = c.model_outputs[1:] + [x0]
+        if order == 1 or c.lower_order_nums < 1 or final:
+            return c.dpm_solver_first_order_update(x0, sample=x)
+        if order == 2 or c.lower_order_nums < 2 or second:
+            return c.multistep_dpm_solver_second_order_update(c.model_outputs, sample=x)
+        return c.multistep_dpm_solver_third_order_update(c.model_outputs, sample=x)
+    if c.last_sample is not None:
+        c.last_sample = c.last_sample.double()
+    x0 = c.convert_model_output(m, sample=x)
+    if c.step_index > 0 and c.last_sample is not None:
+        x = c.multistep_uni_c_bh_update(this_model_output=x0, last_sample=c.last_sample, this_sample=x, order=c.this_order)
+    c.model_outputs = c.model_outputs[1:] + [x0]
+    this_order = min(order, n - c.step_index, c.lower_order_nums + 1)
+    return c.multistep_uni_p_bh_update(model_output=m, sample=x, order=this_order)
+
+
+for k, case in enumerate(TRAJ):
+    kw = {key: case[key] for key in ("prediction_type", "timestep_spacing", "beta_schedule") if key in case}
+    s = fast_scheduler(case["sampler"], case.get("solver_order", 2), case.get("karras", False), **kw)
+    s.set_timesteps(case["n"])
+    g = torch.Generator().manual_seed(100 + k)
+    noise_gen = torch.Generator().manual_seed(200 + k)
+    x = torch.randn(2, 3, 8, 8, generator=g) * s.init_noise_sigma
+    st[f"traj.{k}.x_T"] = x
+    for i, t in enumerate(s.timesteps):
+        m = torch.randn(2, 3, 8, 8, generator=g)
+        st[f"traj.{k}.{i}.sample"], st[f"traj.{k}.{i}.model_output"] = x, m
+        if case["sampler"] == "euler_ancestral":
+            st[f"traj.{k}.{i}.model_input"] = s.scale_model_input(x, t)
+            out = s.step(m, t, x, generator=noise_gen)
+            st[f"traj.{k}.{i}.pred_original_sample"] = out.pred_original_sample
+        else:
+            st[f"traj.{k}.{i}.exact"] = exact_multistep(s, case["sampler"], m, t, x)
+            out = s.step(m, t, x)
+        x = out.prev_sample
+        st[f"traj.{k}.{i}.prev_sample"] = x
+    sc["trajectories"].append(dict(case, i=k, steps=len(s.timesteps), timesteps=[float(t) for t in s.timesteps]))
+save("samplers.pt", st)
+with open(os.path.join(OUT, "samplers.json"), "w") as f:
+    json.dump(sc, f, indent=1)
 
 save("scheduler.pt", tensors)
 with open(os.path.join(OUT, "scheduler.json.tmp"), "w") as f:  # written last: its presence means "complete"
