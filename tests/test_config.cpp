@@ -213,9 +213,10 @@ TEST(ConfigFile, PresetsAreValidAndMatchTheirPapers) {
   EXPECT_EQ(ddpm.model.down_block_types[1], BlockType::AttnDownBlock2D);
   EXPECT_DOUBLE_EQ(ddpm.model.dropout, 0.1);
   EXPECT_EQ(ddpm.data.dataset, DatasetKind::cifar10);
-  // The quickstart file is the built-in default job.
+  // The quickstart file is the built-in default job, but for two settings tuned for it.
   Config expected;
   expected.data.preload = true;  // Fashion-MNIST is 47 MB: the quickstart keeps it in memory (no loader threads)
+  expected.diffusion.snr_gamma = 5.0;  // min-SNR-5 won the quickstart search (docs/PERFORMANCE.md); diffusers' default is none
   EXPECT_EQ(load_config(test::source_dir() + "/configs/quickstart.json"), expected);
 }
 

@@ -296,7 +296,9 @@ TEST(Amp, AutoPicksBf16WhereTheCpuHasIt) {
   const bool native = info.find(" avx512_bf16") != std::string::npos || info.find(" amx_bf16") != std::string::npos;
   const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
   const bool capped = cap && std::string(cap) != "avx512";
-  if (!native || capped) EXPECT_FALSE(explicit_ok);
+  if (!native || capped) {
+    EXPECT_FALSE(explicit_ok);
+  }
   if (explicit_ok) {
     EXPECT_EQ(chosen, c10::kBFloat16) << reason;
     EXPECT_NE(reason.find("auto: bf16"), std::string::npos) << reason;

@@ -98,10 +98,10 @@ struct ModelConfig {
   int sample_size = 28;
   int in_channels = 1;
   int out_channels = 1;
-  std::vector<int> block_out_channels = {32, 64, 128};
+  std::vector<int> block_out_channels = {32, 64, 64};
   int layers_per_block = 1;
-  std::vector<BlockType> down_block_types = {BlockType::DownBlock2D, BlockType::AttnDownBlock2D, BlockType::DownBlock2D};
-  std::vector<BlockType> up_block_types = {BlockType::UpBlock2D, BlockType::AttnUpBlock2D, BlockType::UpBlock2D};
+  std::vector<BlockType> down_block_types = {BlockType::DownBlock2D, BlockType::DownBlock2D, BlockType::AttnDownBlock2D};
+  std::vector<BlockType> up_block_types = {BlockType::AttnUpBlock2D, BlockType::UpBlock2D, BlockType::UpBlock2D};
   std::optional<int> attention_head_dim = std::nullopt;
   bool add_attention = true;
   int norm_num_groups = 8;
@@ -215,7 +215,7 @@ struct DataConfig {
 struct TrainConfig {
   int batch_size = 64;
   int gradient_accumulation_steps = 1;
-  int64_t max_steps = 900;
+  int64_t max_steps = 1600;
   double learning_rate = 1e-3;
   LrSchedule lr_schedule = LrSchedule::cosine;
   int64_t lr_warmup_steps = 100;
@@ -225,7 +225,7 @@ struct TrainConfig {
   double adam_epsilon = 1e-8;
   double weight_decay = 0.0;
   double max_grad_norm = 1.0;
-  MixedPrecision mixed_precision = MixedPrecision::no;
+  MixedPrecision mixed_precision = MixedPrecision::auto_;
   double class_dropout_prob = 0.1;
   int max_nonfinite_steps = 10;
   OptimizerImpl optimizer_impl = OptimizerImpl::auto_;
@@ -289,7 +289,7 @@ struct EmaConfig {
 struct LoggingConfig {
   LogLevel level = LogLevel::info;
   int64_t log_every = 50;
-  int64_t sample_every = 250;
+  int64_t sample_every = 400;
   int64_t histogram_every = 0;
   bool tensorboard = true;
   bool jsonl = true;
@@ -317,7 +317,7 @@ struct LoggingConfig {
 };
 
 struct CheckpointConfig {
-  int64_t every = 250;
+  int64_t every = 400;
   int keep_last = 3;
   int64_t keep_every = 0;
   std::string resume = "";
@@ -346,7 +346,7 @@ struct DistributedConfig {
 };
 
 struct SamplingConfig {
-  Sampler sampler = Sampler::ddim;
+  Sampler sampler = Sampler::unipc_multistep;
   int num_inference_steps = 25;
   double eta = 0.0;
   int solver_order = 2;

@@ -40,18 +40,18 @@ import torch.nn.functional as F
 
 # difftrain's defaults (include/difftrain/config.h), for configs that leave keys out.
 DEFAULTS = {
-    "model": dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=[32, 64, 128], layers_per_block=1,
-                  down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-                  up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], attention_head_dim=None,
+    "model": dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=[32, 64, 64], layers_per_block=1,
+                  down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+                  up_block_types=["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"], attention_head_dim=None,
                   add_attention=True, norm_num_groups=8, norm_eps=1e-5, dropout=0.0, flip_sin_to_cos=True, freq_shift=0,
                   resnet_time_scale_shift="default", num_class_embeds=None),
     "diffusion": dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                       prediction_type="epsilon", variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0,
                       timestep_spacing="leading", steps_offset=0, rescale_betas_zero_snr=False, snr_gamma=None),
     "data": dict(dataset="idx", path="", split="train", resolution=28, channels=1, random_flip=False),
-    "train": dict(batch_size=64, gradient_accumulation_steps=1, max_steps=1000, learning_rate=1e-3, lr_schedule="cosine",
+    "train": dict(batch_size=64, gradient_accumulation_steps=1, max_steps=1600, learning_rate=1e-3, lr_schedule="cosine",
                   lr_warmup_steps=100, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
-                  max_grad_norm=1.0, mixed_precision="no", class_dropout_prob=0.1),
+                  max_grad_norm=1.0, mixed_precision="auto", class_dropout_prob=0.1),
     "ema": dict(enabled=True, decay=0.999, min_decay=0.0, update_after_step=0, use_ema_warmup=True, inv_gamma=1.0,
                 power=0.75, update_every=1),
     "run": dict(name="run", seed=0),
@@ -184,7 +184,9 @@ def main():
 
     precision = args.precision
     if precision == "config":
-        precision = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[tc["mixed_precision"]] if device.type == "cuda" else "fp32"
+        # auto: bf16 on GPUs with bf16 tensor cores (compute capability 8.0+), as difftrain resolves it
+        auto = "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+        precision = {"no": "fp32", "auto": auto, "bf16": "bf16", "fp16": "fp16"}[tc["mixed_precision"]] if device.type == "cuda" else "fp32"
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
     from diffusers import DDPMScheduler, __version__ as diffusers_version

@@ -29,7 +29,8 @@
 # on the config's data (preloaded onto the device unless --stream; when data.path is missing, a
 # random stand-in in the same file format is written, and the table says so); the reference
 # uses random batches already on the device. The CPU runs in fp32 (train.mixed_precision=no)
-# unless a case sets it. Exit status 1 when a run fails or the parameter counts differ.
+# unless a case sets it; with train.mixed_precision=auto the reference runs what difftrain resolved it
+# to (the log says). Exit status 1 when a run fails or the parameter counts differ.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -170,6 +171,11 @@ EOF
     echo "train.sh: $label: difftrain failed (exit $?); the log:" >&2; tail -5 "$dir/difftrain.log" >&2; status=1; dparams=""
   fi
 
+  if [ "$precision" = auto ]; then  # the reference runs what difftrain's auto resolved to here
+    precision=fp32
+    grep -q "train.mixed_precision = auto: bf16" "$dir/difftrain.log" && precision=bf16
+    echo "   (auto resolved to $precision)" >&2
+  fi
   modes=(eager); [ "$compile" = 1 ] && modes+=(compile)
   [ "$reference" = 1 ] || modes=()
   for mode in "${modes[@]}"; do

@@ -53,7 +53,7 @@ TEST_F(Train, TensorBoardReadsTheRunAcrossAResume) {
 }
 
 // bf16 autocast on the CPU trains where the CPU has native bf16 (AVX512-BF16 or AMX) and is a
-// clear configuration error elsewhere.
+// clear configuration error elsewhere; `auto` picks bf16 exactly where it trains.
 TEST_F(Train, Bf16OnTheCpuTrainsOrSaysWhyNot) {
   const int code = run(args("bf16", 30, {"--set", "train.mixed_precision=bf16"}), "bf16");
   if (code == 1) {
@@ -61,10 +61,17 @@ TEST_F(Train, Bf16OnTheCpuTrainsOrSaysWhyNot) {
     EXPECT_TRUE(e.find("lacks AVX512-BF16 and AMX") != std::string::npos ||
                 e.find("LibTorch's AVX-512 kernels are off") != std::string::npos)
         << e;
+    // Where it does not, `auto` trains in fp32 and says why.
+    ASSERT_EQ(run(args("auto", 2, {"--set", "train.mixed_precision=auto"}), "auto"), 0) << err("auto");
+    EXPECT_NE(err("auto").find("train.mixed_precision = auto: fp32, because"), std::string::npos) << err("auto");
     return;
   }
   ASSERT_EQ(code, 0) << err("bf16");
   EXPECT_NE(err("bf16").find("BFloat16 autocast"), std::string::npos) << err("bf16");
+  // Where bf16 works, `auto` picks it and says why.
+  ASSERT_EQ(run(args("auto", 2, {"--set", "train.mixed_precision=auto"}), "auto"), 0) << err("auto");
+  EXPECT_NE(err("auto").find("train.mixed_precision = auto: bf16 autocast"), std::string::npos) << err("auto");
+  EXPECT_NE(err("auto").find("BFloat16 autocast"), std::string::npos) << err("auto");
   std::vector<double> losses;
   std::ifstream jsonl(dir_ / "bf16" / "metrics.jsonl");
   for (std::string line; std::getline(jsonl, line);) losses.push_back(json::parse(line)["train/loss"].get<double>());

@@ -60,6 +60,7 @@ class TrainRun : public ::testing::Test {
                                   "--set",         "run.name=" + name,
                                   "--set",         "run.num_threads=1",
                                   "--set",         "run.device=cpu",
+                                  "--set",         "train.mixed_precision=no",  // the same arithmetic on every CPU
                                   "--set",         "data.path=" + fashion_mnist_dir(),
                                   "--set",         "data.subset=256",
                                   "--set",         "data.resolution=16",
