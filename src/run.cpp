@@ -29,7 +29,10 @@ nlohmann::ordered_json run_identity(const Config& cfg) {
   auto j = config_to_json(cfg);
   j["run"].erase("device");
   j["run"].erase("num_threads");
+  j["run"].erase("peak_tflops");
   j["train"].erase("max_steps");  // training longer is a resume, not a new run
+  for (const char* lever : {"cuda_graph", "channels_last", "fused_groupnorm_silu", "cudnn_benchmark", "allow_tf32"})
+    j["train"].erase(lever);  // how the step runs, not what it computes
   j["checkpoint"].erase("resume");
   j["distributed"].erase("timeout_s");
   j.erase("logging");

@@ -249,8 +249,8 @@ void Trainer::resume_from(const fs::path& path) {
   }
   if (const auto changes = run_identity_changes(saved, cfg_); !changes.empty())
     throw UsageError(fmt::format("cannot resume from {}: the config changes the model, the data or the optimisation (only "
-                                 "run.device, run.num_threads, train.max_steps, checkpoint.resume, distributed.timeout_s and "
-                                 "logging.* may change on resume). Changed:{}", path.string(), changes));
+                                 "run.device, run.num_threads, run.peak_tflops, train.max_steps, the train.* speed switches, "
+                                 "checkpoint.resume, distributed.timeout_s and logging.* may change on resume). Changed:{}", path.string(), changes));
   auto part = [&](const std::string& stem) -> std::map<std::string, at::Tensor> {
     const auto it = ckpt.tensors.find(stem);
     if (it == ckpt.tensors.end()) throw CheckpointError(fmt::format("checkpoint {} has no {}.safetensors", path.string(), stem));

@@ -80,6 +80,7 @@ struct RunConfig {
   int64_t seed = 0;
   std::string device = "auto";
   int num_threads = 0;
+  double peak_tflops = 0.0;
 
   template <class V> void visit(V& v) {
     v("name", name, "Run name; the run directory is `<output_dir>/<name>`.",
@@ -89,6 +90,10 @@ struct RunConfig {
     v("device", device, "Where to train. 'auto' picks CUDA when usable and says so; 'cuda' fails when CUDA is not usable.",
       {.note = "auto | cpu | cuda | cuda:N"});
     v("num_threads", num_threads, "CPU threads for intra-op parallelism; 0 = all cores.", {.min = 0, .max = 4096});
+    v("peak_tflops", peak_tflops,
+      "Peak dense TFLOP/s of one device in the training dtype, the denominator of train/mfu; 0 = look the GPU up in the "
+      "table `difftrain env` prints (no MFU where it is not listed, and none on a CPU). May change on resume.",
+      {.min = 0});
   }
   bool operator==(const RunConfig&) const = default;
 };
@@ -229,6 +234,12 @@ struct TrainConfig {
   double class_dropout_prob = 0.1;
   int max_nonfinite_steps = 10;
   OptimizerImpl optimizer_impl = OptimizerImpl::auto_;
+  // How the step is executed, not what it computes: these may change on resume.
+  bool cuda_graph = false;
+  bool channels_last = false;
+  bool fused_groupnorm_silu = false;
+  bool cudnn_benchmark = false;
+  bool allow_tf32 = false;
 
   template <class V> void visit(V& v) {
     v("batch_size", batch_size, "Images per micro-batch on each rank.", {.min = 1});
@@ -257,6 +268,22 @@ struct TrainConfig {
       "step is skipped).", {.min = 1});
     v("optimizer_impl", optimizer_impl, "AdamW kernels: fused (one kernel for all tensors), foreach (multi-tensor ops) or a "
       "per-tensor loop; auto = fused. All three compute the same update.");
+    v("cuda_graph", cuda_graph,
+      "CUDA only: capture the micro-step (forward + backward) and the optimizer step (unscale, clip, AdamW, EMA) as two "
+      "CUDA graphs after 3 eager warm-up steps and replay them, the all-reduce between them; removes the per-op launch "
+      "cost. The same numbers as eager steps. Off until the GPU benchmark (docs/PERFORMANCE.md) decides.");
+    v("channels_last", channels_last,
+      "Keep the model and its inputs in channels-last (NHWC) memory, as cuDNN's tensor-core convolutions prefer. Off until "
+      "the GPU benchmark decides.");
+    v("fused_groupnorm_silu", fused_groupnorm_silu,
+      "GroupNorm followed by SiLU in the ResNet blocks as one op (a CUDA kernel reading bf16 and accumulating in fp32; on a "
+      "CPU the same arithmetic in ATen ops). Off until the GPU benchmark decides.");
+    v("cudnn_benchmark", cudnn_benchmark,
+      "CUDA only: let cuDNN time its convolution algorithms on the first step of each shape and keep the fastest "
+      "(torch.backends.cudnn.benchmark). Off until the GPU benchmark decides.");
+    v("allow_tf32", allow_tf32,
+      "CUDA only: float32 matmuls and convolutions on tensor cores in TF32 (10-bit mantissa); matters for mixed_precision = "
+      "no. Off: full float32, as PyTorch's default for matmuls.");
   }
   bool operator==(const TrainConfig&) const = default;
 };
