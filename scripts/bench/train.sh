@@ -26,6 +26,8 @@
 # Options:
 #   --device cpu|cuda   default: cuda when nvidia-smi lists a GPU and torch sees it, else cpu
 #   --config FILE       a case with no overrides (repeatable; the same as a CASE)
+#   --set KEY=VALUE     an override for every case, after the benchmark's own and before the case's
+#                       (repeatable), e.g. --set train.batch_size=256
 #   --steps N           timed steps (default: cpu 15, cuda 100)
 #   --warmup N          untimed steps first; difftrain logs every N steps and its first interval is
 #                       skipped (default: cpu 5, cuda 20; keep >= 4 on CUDA: train.cuda_graph captures
@@ -68,11 +70,12 @@ python=${PYTHON:-$root/.venv/bin/python}
 all_switches=(cuda_graph channels_last fused_groupnorm_silu cudnn_benchmark allow_tf32)
 build=build device="" steps="" warmup="" threads=0 compile="" compile_mode=auto stream=0 keep=0 dry=0 budget=0
 switches_arg="" results_out=""
-cases=()
+cases=() global_sets=()
 while [ $# -gt 0 ]; do
   case $1 in
     --device) device=$2; shift 2 ;;
     --config) cases+=("$2"); shift 2 ;;
+    --set) global_sets+=("$2"); shift 2 ;;
     --steps) steps=$2; shift 2 ;;
     --warmup) warmup=$2; shift 2 ;;
     --switches) switches_arg=$2; shift 2 ;;
@@ -219,11 +222,11 @@ for spec in "${cases[@]}"; do
   read -r -a words <<< "$spec"
   config=${words[0]}
   case_sets=("${words[@]:1}")
-  label="$(basename "$config" .json)${case_sets[*]:+ ${case_sets[*]}}"
+  label="$(basename "$config" .json)${global_sets[*]:+ ${global_sets[*]}}${case_sets[*]:+ ${case_sets[*]}}"
   dir=$work/case$n
   [ "$dry" = 1 ] || mkdir -p "$dir"
   set_args=()
-  for s in "${bench_sets[@]}" "${case_sets[@]}"; do set_args+=(--set "$s"); done
+  for s in "${bench_sets[@]}" "${global_sets[@]}" "${case_sets[@]}"; do set_args+=(--set "$s"); done
   # The resolved config: run even in a dry run (no GPU needed), into a temporary file there.
   cfg_file=$dir/config.json
   [ "$dry" = 0 ] || { cfg_file=$(mktemp); show "$bin" config print --config "$config" "${set_args[@]}"; echo "    > $dir/config.json" >&2; }
@@ -362,8 +365,12 @@ EOF
         then
           [ -n "$dparams" ] || dparams=$("$python" -c 'import json, sys; print(json.loads(open(sys.argv[1]).readlines()[-1])["params"] or "")' "$results")
         else
-          echo "   $variant: $(tail -1 "$dir/$tag.parse")" >&2; status=1
-          row "$label" "$variant" "$rank" "failed: $(tail -1 "$dir/$tag.parse")"
+          echo "   $variant: $(tail -1 "$dir/$tag.parse")" >&2
+          if [ -n "$cut_note" ]; then  # cut before a second logged interval: no figure, no failure
+            row "$label" "$variant" "$rank" "not timed: $cut_note, before its first timed interval ended"
+          else
+            status=1; row "$label" "$variant" "$rank" "failed: $(tail -1 "$dir/$tag.parse")"
+          fi
         fi
       else
         why=$(grep -E '\[(error|critical)\]|terminate|what\(\)' "$dir/$tag.log" | tail -1 | sed 's/^\[[^]]*\] \[[a-z]*\] //' | cut -c1-300)
