@@ -386,7 +386,7 @@ EOF
       skip_if_short "$need" "$variant" "$label" "$rank" && continue
       if [ "$precision" = auto ]; then  # the reference runs what difftrain's auto resolved to here
         precision=fp32
-        grep -qs "train.mixed_precision = auto: bf16" "$dir"/d*.log && precision=bf16
+        grep -qs "train.mixed_precision = auto: bf16" "$dir"/*.log && precision=bf16
         [ "$dry" = 1 ] && precision="<auto as difftrain resolved it>"
         echo "   (auto resolved to $precision)" >&2
       fi
@@ -448,7 +448,10 @@ for case in dict.fromkeys(r["case"] for r in rows):
     if params:
         head += f", {params / 1e6:.1f}M parameters"
     if meta:
-        head += f", batch {meta['batch']}, {meta['precision']}, {meta['warmup']} warm-up + {meta['steps']} timed steps"
+        prec = meta["precision"]
+        if prec == "auto" and (eager or comp):
+            prec = f"auto ({(eager or comp)['precision']})"
+        head += f", batch {meta['batch']}, {prec}, {meta['warmup']} warm-up + {meta['steps']} timed steps"
         head += f", {meta['gpu'] or meta['device']}"
     print(f"{head}:\n")
     print("| variant | img/s | ms/step | MFU | peak GiB | vs eager | vs compile |")
