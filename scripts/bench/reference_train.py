@@ -386,7 +386,7 @@ def main():
     peak_source = "--peak-tflops" if peak else None
     if peak is None and device.type == "cuda":
         peak = peak_tflops_of(device_name, dtype_key)
-        peak_source = f"{device_name} {dtype_key} dense (datasheet)" if peak else None
+        peak_source = f"{device_name}, {dtype_key} dense, datasheet" if peak else None
 
     w0 = time.perf_counter()
     first_step_s = None
