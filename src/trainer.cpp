@@ -267,7 +267,9 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
   }
 }
 
-Trainer::~Trainer() = default;
+Trainer::~Trainer() {
+  cuda_.reset();  // first: the default stream then waits for the loop's stream before anything is freed
+}
 
 void Trainer::configure_backends() {
   const auto& tc = cfg_.train;
@@ -424,7 +426,10 @@ void Trainer::train_step() {
   if (replay) {
     if (capture_grads_) {  // a graph cannot branch on the host: the histogram shows the gradients before clipping
       histogram_grads_.clear();
-      for (const auto& [name, p] : histogram_params_) histogram_grads_.emplace_back(name, p.grad().detach().clone());
+      for (const auto& [name, p] : histogram_params_) {
+        auto g = p.grad().detach().clone();
+        histogram_grads_.emplace_back(name, scaler_ ? g.div_(scaler_->scale_tensor()) : g);  // unscaled, as eager shows them
+      }
     }
     cuda_->optimizer->replay();
   }
@@ -754,7 +759,7 @@ int Trainer::train() {
     }
     if (step_ % cfg_.logging.log_every == 0 || last || stop) log_interval(last);
     if (rank0 && cfg_.logging.sample_every > 0 && step_ % cfg_.logging.sample_every == 0) write_sample_grid();
-    if (step_ % cfg_.checkpoint.every == 0 || last || stop) {
+    if ((cfg_.checkpoint.every > 0 && step_ % cfg_.checkpoint.every == 0) || last || stop) {
       if (rank0) save_checkpoint_now();
       else check_nonfinite();
       if (opts_.process_group) opts_.process_group->barrier();  // no rank runs ahead of a checkpoint

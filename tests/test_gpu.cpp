@@ -107,7 +107,7 @@ class GpuRun : public ::testing::Test {
     c.data.channels = 1, c.data.resolution = 16, c.data.preload = true, c.data.num_workers = 0;
     c.train.batch_size = 16, c.train.max_steps = 8, c.train.lr_warmup_steps = 2, c.train.mixed_precision = mp;
     c.logging.log_every = 2, c.logging.sample_every = 0;
-    c.checkpoint.every = 0;
+    c.checkpoint.every = 1000;
     c.sampling.num_samples = 4, c.sampling.num_inference_steps = 2, c.sampling.num_final_samples = 0;
     return c;
   }
@@ -205,18 +205,21 @@ TEST(Gpu, AutocastScopeCastsAndRestores) {
 // error: the step can be captured in a CUDA graph.
 TEST_F(GpuRun, TrainingStepsDoNotSyncWithTheHost) {
   DIFFTRAIN_REQUIRE_CUDA();
-  for (MixedPrecision mp : {MixedPrecision::bf16, MixedPrecision::fp16}) {
-    SCOPED_TRACE(to_string(mp));
-    Trainer trainer(config("cuda", mp), stand_in_data(), options(kCuda, "nosync_" + to_string(mp)));
-    trainer.train_step();
-    c10::cuda::device_synchronize();
-    {
-      NoHostSync guard;
-      EXPECT_NO_THROW(for (int i = 0; i < 3; ++i) trainer.train_step());
+  for (MixedPrecision mp : {MixedPrecision::bf16, MixedPrecision::fp16})
+    for (bool capturable : {false, true}) {  // the capturable state (train.cuda_graph's) too: a sync would fail the capture
+      SCOPED_TRACE(to_string(mp) + (capturable ? " capturable" : ""));
+      TrainerOptions o = options(kCuda, "nosync_" + to_string(mp) + (capturable ? "_capturable" : ""));
+      o.capturable_state = capturable;
+      Trainer trainer(config("cuda", mp), stand_in_data(), o);
+      trainer.train_step();
+      c10::cuda::device_synchronize();
+      {
+        NoHostSync guard;
+        EXPECT_NO_THROW(for (int i = 0; i < 3; ++i) trainer.train_step());
+      }
+      c10::cuda::device_synchronize();
+      EXPECT_EQ(trainer.step(), 4);
     }
-    c10::cuda::device_synchronize();
-    EXPECT_EQ(trainer.step(), 4);
-  }
 }
 
 // Forward, backward, clip, AdamW and EMA from the same weights, inputs and noise on both devices.
@@ -411,12 +414,14 @@ void expect_replays_match(const std::vector<at::Tensor>& eager, const std::vecto
 TEST_F(GpuRun, CudaGraphReplaysComputeWhatEagerStepsCompute) {
   DIFFTRAIN_REQUIRE_CUDA();
   NoTf32 no_tf32;
-  for (MixedPrecision mp : {MixedPrecision::no, MixedPrecision::bf16}) {
+  for (MixedPrecision mp : {MixedPrecision::no, MixedPrecision::bf16, MixedPrecision::fp16}) {
     SCOPED_TRACE(to_string(mp));
     auto run = [&](bool graph, const std::string& name) {
       Config c = config("cuda", mp);
       c.train.cuda_graph = graph;
-      Trainer trainer(c, stand_in_data(), options(kCuda, name + to_string(mp)));
+      TrainerOptions o = options(kCuda, name + to_string(mp));
+      o.capturable_state = true;  // eager steps with the graph's state (a float32 rate on CUDA): the graph is the only difference
+      Trainer trainer(c, stand_in_data(), o);
       for (int i = 0; i < 8; ++i) trainer.train_step();  // 3 eager warm-up steps, then 5 replays
       c10::cuda::device_synchronize();
       return trained_weights(trainer);
@@ -460,7 +465,9 @@ TEST_F(GpuRun, CudaGraphWithAccumulationChannelsLastAndTheLoop) {
     Config c = config("cuda", MixedPrecision::no);
     c.train.gradient_accumulation_steps = 2, c.train.channels_last = true, c.train.cuda_graph = graph;
     c.model.num_class_embeds = 10;
-    Trainer trainer(c, stand_in_data(), options(kCuda, name));
+    TrainerOptions o = options(kCuda, name);
+    o.capturable_state = true;
+    Trainer trainer(c, stand_in_data(), o);
     for (int i = 0; i < 6; ++i) trainer.train_step();
     c10::cuda::device_synchronize();
     return trained_weights(trainer);

@@ -1,19 +1,37 @@
 #include "cuda/cuda_graph.h"
 
+#include <exception>
+#include <string>
+
 #include <ATen/autocast_mode.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 namespace difftrain::cuda {
 
+namespace {
+c10::DeviceIndex index(int device_index) {
+  return device_index < 0 ? c10::cuda::current_device() : static_cast<c10::DeviceIndex>(device_index);
+}
+
+// Autocast's cast cache off for a scope, restored however the scope ends.
+struct NoAutocastCache {
+  bool was = at::autocast::is_autocast_cache_enabled();
+  NoAutocastCache() { at::autocast::set_autocast_cache_enabled(false); }
+  ~NoAutocastCache() { at::autocast::set_autocast_cache_enabled(was); }
+};
+}  // namespace
+
 struct StreamScope::Impl {
   c10::cuda::CUDAStream previous, stream;
   c10::cuda::CUDAStreamGuard guard;
   explicit Impl(int device_index)
-      : previous(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_index))),
-        stream(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, static_cast<c10::DeviceIndex>(device_index))),
+      : previous(c10::cuda::getCurrentCUDAStream(index(device_index))),
+        stream(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index(device_index))),
         guard(stream) {
     at::cuda::CUDAEvent ready;
     ready.record(previous);
@@ -43,25 +61,31 @@ Graph::Graph(std::vector<at::Generator> generators, const Graph* share_pool_with
 Graph::~Graph() = default;
 
 void Graph::capture(const std::function<void()>& body) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(stream != c10::cuda::getDefaultCUDAStream(stream.device_index()),
+              "a CUDA graph must be captured on a side stream (cuda::StreamScope)");
+  c10::cuda::device_synchronize();  // as torch.cuda.graph does before capturing
+  c10::cuda::CUDACachingAllocator::emptyCache();
   for (const auto& g : impl_->generators) impl_->graph.register_generator_state(g);
-  const bool cache = at::autocast::is_autocast_cache_enabled();
-  at::autocast::set_autocast_cache_enabled(false);
-  // Thread-local: the loader's worker threads may allocate pinned memory meanwhile, which global
-  // mode would turn into a failed capture; this thread (and autograd's, launching into the
-  // capturing stream) is still checked.
+  NoAutocastCache no_cache;
+  // Thread-local: other threads (the loader's workers allocating pinned memory, NCCL's watchdog
+  // querying events) may make calls that global mode would turn into a failed capture. Pool
+  // streams are non-blocking, so nothing else joins the capture by accident.
   impl_->graph.capture_begin(impl_->pool, cudaStreamCaptureModeThreadLocal);
   try {
     body();
-  } catch (...) {
+  } catch (const std::exception& e) {
     try {
-      impl_->graph.capture_end();  // leaves capture mode; the (invalidated) capture itself may fail
+      impl_->graph.capture_end();  // leaves capture mode; an invalidated capture fails here too
     } catch (...) {
+      try {  // then the allocator would still route this stream's allocations to the pool
+        c10::cuda::CUDACachingAllocator::endAllocateToPool(stream.device_index(), impl_->pool);
+      } catch (...) {}
     }
-    at::autocast::set_autocast_cache_enabled(cache);
-    throw;
+    TORCH_CHECK(false, "capturing the training step as a CUDA graph failed (", e.what(),
+                "); set train.cuda_graph=false to train without it");
   }
   impl_->graph.capture_end();
-  at::autocast::set_autocast_cache_enabled(cache);
 }
 
 void Graph::replay() { impl_->graph.replay(); }

@@ -16,7 +16,7 @@ namespace difftrain::cuda {
 // It starts after the work queued so far on the default stream, which waits for it at the end.
 class StreamScope {
  public:
-  explicit StreamScope(int device_index);
+  explicit StreamScope(int device_index);  // -1: the current device
   ~StreamScope();
   StreamScope(const StreamScope&) = delete;
   StreamScope& operator=(const StreamScope&) = delete;
@@ -38,7 +38,10 @@ class Graph {
   Graph& operator=(const Graph&) = delete;
 
   // Records `body` on the current (non-default) stream without running it, with autocast's weight
-  // cache off (a cached cast would be baked into the graph). A body that throws ends the capture.
+  // cache off (a cached cast would be baked into the graph). Each capture syncs and
+  // empties the allocator's cache first, as torch.cuda.graph does, so the graphs' pool
+  // does not sit on top of the warm-up's cached blocks. A failed capture is a RuntimeError that
+  // says to set train.cuda_graph=false; the process should not go on using CUDA after it.
   void capture(const std::function<void()>& body);
   void replay();
 
