@@ -14,11 +14,13 @@
 #   tests      the `gpu` label (test_gpu), then the `unit` label, with DIFFTRAIN_TEST_* pointing here
 #   e2e        on CUDA with the carried data: bf16 training stopped by SIGTERM (exit 75) and resumed
 #              with --resume latest; fp16 training; difftrain sample; a 1-process NCCL world (torchrun)
-#   bench      scripts/bench/train.sh: difftrain against the diffusers step in PyTorch eager and
-#              torch.compile, for configs/cifar10_ddpm.json (batch 128, bf16) and the quickstart model
+#   bench      optional, last, with the time the others left: scripts/bench/train.sh for
+#              configs/cifar10_ddpm.json (batch 128, bf16) and the quickstart model (bf16): difftrain
+#              with the speed switches off, each on alone and all on, against the diffusers step in
+#              PyTorch eager and under torch.compile; its failure does not fail `overall`
 # and writes $OUT/summary.md (one row per stage: status, seconds, key figure), printed last.
 # Without $OUT it writes to build-gpu-verify/. Files in it: summary.md, gpu-verify.log (everything),
-# env.json, tests.txt, bench.md.
+# env.json, tests.txt, bench.md (the benchmark tables), bench.jsonl (their rows).
 #
 # --dry-run (on the CPU machine): walks every stage and prints the exact commands instead of
 # running what needs a GPU; what needs none runs for real: the carry folder, MANIFEST and stamp
@@ -26,9 +28,16 @@
 # Exit 0 when the staged folder is complete and sound.
 #
 # Environment:
-#   GPU_VERIFY_T_PREFLIGHT=40, _REBUILD=300, _ENV=25, _TESTS=150, _E2E=100, _BENCH=165: the
-#       timeouts in seconds, 8 minutes without a rebuild (which skips the bench)
+#   GPU_VERIFY_T_PREFLIGHT=40, _REBUILD=300, _ENV=25, _TESTS=150, _E2E=100: the timeouts in
+#       seconds (315 s for the correctness stages without a rebuild, which skips the bench)
+#   GPU_VERIFY_TOTAL=525        the whole call's limit: the bench stage gets what the others left of
+#                               it (less 10 s), and is skipped under 60 s; the device tool stops a
+#                               command at 540 s
+#   GPU_VERIFY_T_BENCH=S        at most S seconds for the bench stage
 #   GPU_VERIFY_BENCH_COMPILE=0  leave torch.compile out of the benchmark
+#   GPU_VERIFY_BENCH_SWITCHES=L the speed switches to measure (train.sh --switches: all, none, or a
+#                               comma-separated list; default all)
+#   GPU_VERIFY_BENCH_ARGS="..." more train.sh options for both configs (e.g. "--steps 200")
 #   GPU_VERIFY_STAGES="env e2e" run only these stages (and preflight and rebuild, which they need)
 #   GPU_VERIFY_DEVICE=cpu       test this script itself without a GPU (no nvidia-smi; env, e2e and
 #                               bench on the CPU, Gloo instead of NCCL)
@@ -348,24 +357,77 @@ stage_bench() {
   if [ -f "$GV_WORK/rebuild" ] && ! dry; then say "rebuilt in this call: no time left for the benchmark; run again"; key "skipped after a rebuild"; exit 3; fi
   bin=$(bindir)
   data=$(cat "$GV_WORK/datadir")
-  compile=(--compile); [ "${GPU_VERIFY_BENCH_COMPILE:-1}" = 1 ] || compile=()
-  : > "$GV_WORK/bench.md"
-  rc_all=0
-  # The 35.7M CIFAR-10 model (batch 128, bf16) gets the larger share: torch.compile takes a minute.
-  for spec in "100|configs/cifar10_ddpm.json" "$((GV_T_BENCH - 108))|configs/quickstart.json data.path=$data train.mixed_precision=bf16"; do
-    t=${spec%%|*} case_=${spec#*|}
-    rc=0
-    xo "$GV_WORK/bench.one" timeout -k 5 "$t" bash scripts/bench/train.sh --build "$bin" --device "$GV_DEV" "${compile[@]}" "$case_" || rc=$?
-    dry && continue
-    if [ "$rc" != 0 ]; then rc_all=1; echo "train.sh '$case_': exit $rc$([ "$rc" = 124 ] && echo ' (timeout)')" >> "$GV_WORK/bench.md"; fi
-    cat "$GV_WORK/bench.one" >> "$GV_WORK/bench.md"; echo >> "$GV_WORK/bench.md"
+  for f in scripts/bench/train.sh scripts/bench/reference_train.py configs/cifar10_ddpm.json configs/quickstart.json; do
+    [ -f "$f" ] || fail "$f is missing from the working tree"
   done
-  dry && { key "2 cases x (difftrain, PyTorch eager${compile:+, torch.compile})"; return 0; }
+  # scripts/bench/train.sh, one call per config: difftrain with the speed switches off, each on
+  # alone, all on; the diffusers step in PyTorch eager and under torch.compile (default mode for the
+  # 35.7M cifar10_ddpm, reduce-overhead = CUDA graphs for the launch-bound quickstart: --compile-mode
+  # auto). Each call gets a budget and prints its table whatever fits (runs in the order baseline,
+  # eager, all on, compile, single switches). The stage has GV_T_BENCH seconds (what the earlier
+  # stages left of GPU_VERIFY_TOTAL); 20 of them stay for a cut run's checkpoint and the tables.
+  opts=(--build "$bin" --device "$GV_DEV" --switches "${GPU_VERIFY_BENCH_SWITCHES:-all}")
+  if [ "${GPU_VERIFY_BENCH_COMPILE:-1}" != 1 ]; then opts+=(--no-compile)
+  elif ! dry && ! "$GV_PY" -c 'import triton' 2>/dev/null; then say "  $GV_PY cannot import triton: no torch.compile rows"; opts+=(--no-compile)
+  fi
+  read -r -a extra <<< "${GPU_VERIFY_BENCH_ARGS:-}"
+  budget=$((GV_T_BENCH - 20))
+  start=$SECONDS
+  : > "$GV_WORK/bench.md"
+  rc_all=0 n=0
+  # The 35.7M CIFAR-10 model (batch 128, bf16) gets 3/5 of the budget: torch.compile takes a minute
+  # or more there; the quickstart (1.1M, batch 64, bf16 on the carried data) what is left, with more
+  # steps (about 5 ms each).
+  for spec in "3/5|--warmup 20 --steps 100|configs/cifar10_ddpm.json" \
+              "1/1|--warmup 50 --steps 300|configs/quickstart.json data.path=$data train.mixed_precision=bf16"; do
+    share=${spec%%|*} rest=${spec#*|}
+    read -r -a steps_opts <<< "${rest%%|*}"
+    case_=${rest#*|}
+    n=$((n + 1))
+    b=$(( (budget - (SECONDS - start)) * ${share%/*} / ${share#*/} ))
+    if ! dry && [ "$b" -lt 30 ]; then
+      printf "\`%s\`: not run, %s s of the benchmark budget left\n\n" "$case_" "$b" >> "$GV_WORK/bench.md"; continue
+    fi
+    cmd=(bash scripts/bench/train.sh "${opts[@]}" "${steps_opts[@]}" --budget "$b" --results "$GV_WORK/bench$n.jsonl" "${extra[@]}" "$case_")
+    if dry; then
+      show "" "${cmd[@]}"
+      "${cmd[@]}" --dry-run 2>&1 | sed 's/^/    /' || fail "train.sh --dry-run '$case_' failed"
+      continue
+    fi
+    show " > $GV_WORK/bench.one" "${cmd[@]}"
+    rc=0
+    "${cmd[@]}" > "$GV_WORK/bench.one" || rc=$?  # no `timeout` around it: its --budget is the limit
+    if [ "$rc" != 0 ]; then rc_all=1; echo "train.sh '$case_': exit $rc (a run failed: the notes under the table say which)" >> "$GV_WORK/bench.md"; echo >> "$GV_WORK/bench.md"; fi
+    cat "$GV_WORK/bench.one" >> "$GV_WORK/bench.md"
+  done
+  dry && { key "2 configs x (difftrain: switches off, each on, all on; PyTorch eager, torch.compile), budget $budget s"; return 0; }
   cp "$GV_WORK/bench.md" "$GV_OUT/bench.md"
+  cat "$GV_WORK"/bench[0-9].jsonl > "$GV_OUT/bench.jsonl" 2>/dev/null || true
   cat "$GV_WORK/bench.md"
-  # Key: difftrain's img/s, its ratio to eager, and peak memory, per case.
-  key "$(awk -F'|' '$3 ~ /difftrain/ {gsub(/`| +$|^ +/, "", $2); sub(/ \(.*/, "", $2); gsub(/ /, "", $4); gsub(/ /, "", $6); gsub(/ /, "", $7);
-                    printf "%s %s img/s (%s eager, %s GiB); ", $2, $4, $6, $7}' "$GV_WORK/bench.md")"
+  # Key: per config, difftrain's baseline img/s and its ratios, the fastest difftrain variant.
+  key "$("$GV_PY" - "$GV_OUT/bench.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+out = []
+for case in dict.fromkeys(r["case"] for r in rows):
+    ok = [r for r in rows if r["case"] == case and r.get("status") == "ok"]
+    runs = [r for r in rows if r["case"] == case and not r.get("meta")]
+    eager = next((r["img_per_s"] for r in ok if r.get("impl") == "pytorch" and r.get("compile") == "none"), None)
+    comp = next((r["img_per_s"] for r in ok if r.get("impl") == "pytorch" and r.get("compile") not in (None, "none")), None)
+    mine = [r for r in ok if r.get("impl") == "difftrain"]
+    text = case.split()[0]
+    if mine:
+        best = max(mine, key=lambda r: r["img_per_s"])
+        base = next((r for r in mine if r["rank"] == 0), None)
+        text += f": {best['variant'].removeprefix('difftrain').strip(', ') or 'difftrain'} {best['img_per_s']:,.0f} img/s"
+        text += "".join(f" {best['img_per_s'] / v:.2f}x {n}" for n, v in (("eager", eager), ("compile", comp)) if v)
+        if base and base is not best:
+            text += f" (switches off {base['img_per_s']:,.0f})"
+    text += f" [{len(ok)}/{len(runs)} runs]"
+    out.append(text)
+print("; ".join(out) or "no results")
+EOF
+)"
   return "$rc_all"
 }
 
@@ -420,15 +482,24 @@ export GV_DEV=${GPU_VERIFY_DEVICE:-cuda}
 export GV_DRY=$dry_run GV_CARRY=$carry GV_OUT=$out GV_WORK=$work GV_PY=$py
 GV_PYABS=$("$py" -c 'import sys; print(sys.executable)'); export GV_PYABS
 export GV_T_PREFLIGHT=${GPU_VERIFY_T_PREFLIGHT:-40} GV_T_REBUILD=${GPU_VERIFY_T_REBUILD:-300} GV_T_ENV=${GPU_VERIFY_T_ENV:-25}
-export GV_T_TESTS=${GPU_VERIFY_T_TESTS:-150} GV_T_E2E=${GPU_VERIFY_T_E2E:-100} GV_T_BENCH=${GPU_VERIFY_T_BENCH:-165}
+export GV_T_TESTS=${GPU_VERIFY_T_TESTS:-150} GV_T_E2E=${GPU_VERIFY_T_E2E:-100} GV_T_BENCH=${GPU_VERIFY_T_BENCH:-0}
+export GV_TOTAL=${GPU_VERIFY_TOTAL:-525}  # the device tool stops a command at 540 s
 echo "$carry/bin" > "$work/bindir"
 
 echo "# gpu-verify $([ "$dry_run" = 1 ] && echo '--dry-run ')$(date -u '+%F %H:%M:%S UTC') on $(uname -n), $(nproc) cores"
 echo "# LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-rows=() overall=0
+rows=() overall=0 optional="bench" optional_bad=()  # an optional stage failing leaves overall as it is
 for s in "${stages[@]}"; do
   case " preflight rebuild ${GPU_VERIFY_STAGES:-${stages[*]}} " in *" $s "*) ;; *) rows+=("| $s | SKIP | 0 | not in GPU_VERIFY_STAGES |"); continue ;; esac
   t_var=GV_T_${s^^}; t=${!t_var}
+  if [ "$s" = bench ]; then  # what the earlier stages left of the total, less the kill grace of 10 s
+    t=$((GV_TOTAL - SECONDS - 10))
+    [ -z "${GPU_VERIFY_T_BENCH:-}" ] || [ "$GPU_VERIFY_T_BENCH" -ge "$t" ] || t=$GPU_VERIFY_T_BENCH
+    if [ "$t" -lt 60 ] && [ "$dry_run" = 0 ]; then
+      rows+=("| $s | SKIP | 0 | only $t s left of GPU_VERIFY_TOTAL=$GV_TOTAL s |"); printf '\n=== %s: SKIP (%s s left)\n' "$s" "$t"; continue
+    fi
+    export GV_T_BENCH=$t
+  fi
   printf '\n=== %s (timeout %s s, %s)\n' "$s" "$t" "$(date -u +%H:%M:%S)"
   start=$(date +%s%N)
   if [ "$dry_run" = 1 ]; then
@@ -440,9 +511,13 @@ for s in "${stages[@]}"; do
   case $rc in
     0) st=$([ "$dry_run" = 1 ] && echo DRY || echo PASS) ;;
     3) st=SKIP ;;
-    124|137) st="TIMEOUT ($t s)"; overall=1 ;;
-    *) st="FAIL ($rc)"; overall=1 ;;
+    124|137) st="TIMEOUT ($t s)"; bad=1 ;;
+    *) st="FAIL ($rc)"; bad=1 ;;
   esac
+  if [ "${bad:-0}" = 1 ]; then
+    case " $optional " in *" $s "*) optional_bad+=("$s: $st") ;; *) overall=1 ;; esac
+  fi
+  bad=0
   k=$(cat "$work/key.$s" 2>/dev/null || echo "-")
   rows+=("| $s | $st | $secs | ${k//|//} |")
   echo "=== $s: $st in $secs s"
@@ -457,7 +532,7 @@ done
   echo "|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
   echo
-  echo "overall: $([ "$overall" = 0 ] && echo PASS || echo FAIL)"
+  echo "overall: $([ "$overall" = 0 ] && echo PASS || echo FAIL)${optional_bad[*]:+ (optional: ${optional_bad[*]})}"
   if [ -s "$out/bench.md" ] && [ "$dry_run" = 0 ]; then echo; echo "## Benchmark (scripts/bench/train.sh)"; echo; cat "$out/bench.md"; fi
 } > "$out/summary.md"
 echo

@@ -55,11 +55,27 @@ void AdamW::zero_grad() {
 
 void AdamW::step(double lr, const at::Tensor& found_inf) {
   c10::NoGradGuard no_grad;
-  step_group(decay_idx_, lr, opts_.weight_decay, found_inf);
-  step_group(no_decay_idx_, lr, 0.0, found_inf);
+  step_group(decay_idx_, lr, {}, opts_.weight_decay, found_inf);
+  step_group(no_decay_idx_, lr, {}, 0.0, found_inf);
 }
 
-void AdamW::step_group(const std::vector<size_t>& idx, double lr, double weight_decay, const at::Tensor& found_inf) {
+at::ScalarType AdamW::lr_dtype() const {
+  // The fused CUDA kernel reads the rate as float (fused_adamw_impl.cu); the fused CPU kernel
+  // reads it as a double, and the foreach/loop arithmetic below rounds it as the double path does.
+  const bool cuda = !params_.empty() && params_.front().is_cuda();
+  return impl_ == OptimizerImpl::fused && cuda ? at::kFloat : at::kDouble;
+}
+
+void AdamW::step(const at::Tensor& lr, const at::Tensor& found_inf) {
+  TORCH_CHECK(lr.dim() == 0 && lr.scalar_type() == lr_dtype() && (params_.empty() || lr.device() == params_.front().device()),
+              "AdamW::step: the learning rate must be a 0-d ", lr_dtype(), " tensor on the parameters' device");
+  c10::NoGradGuard no_grad;
+  step_group(decay_idx_, 0.0, lr, opts_.weight_decay, found_inf);
+  step_group(no_decay_idx_, 0.0, lr, 0.0, found_inf);
+}
+
+void AdamW::step_group(const std::vector<size_t>& idx, double lr, const at::Tensor& lr_t, double weight_decay,
+                       const at::Tensor& found_inf) {
   if (idx.empty()) return;
   std::vector<at::Tensor> p, g, m, v, s;
   for (size_t i : idx) {
@@ -71,8 +87,12 @@ void AdamW::step_group(const std::vector<size_t>& idx, double lr, double weight_
   if (impl_ == OptimizerImpl::fused) {
     at::_foreach_add_(s, 1.0);
     const auto skip = found_inf.defined() ? std::optional<at::Tensor>(found_inf) : std::nullopt;
-    at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, b1, b2, weight_decay, opts_.eps, /*amsgrad=*/false,
-                      /*maximize=*/false, /*grad_scale=*/std::nullopt, skip);
+    if (lr_t.defined())
+      at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr_t, b1, b2, weight_decay, opts_.eps, /*amsgrad=*/false,
+                        /*maximize=*/false, /*grad_scale=*/std::nullopt, skip);
+    else
+      at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, b1, b2, weight_decay, opts_.eps, /*amsgrad=*/false,
+                        /*maximize=*/false, /*grad_scale=*/std::nullopt, skip);
     // The kernel skips the update on found_inf but not the count, as in torch.optim's _fused_adamw.
     if (skip) at::_foreach_sub_(s, std::vector<at::Tensor>(s.size(), *skip));
     return;
@@ -92,12 +112,19 @@ void AdamW::step_group(const std::vector<size_t>& idx, double lr, double weight_
   // Every parameter has taken the same number of steps. A first step that is skipped leaves
   // t = 0, where the bias corrections would divide by zero: its update is masked anyway.
   const auto t = s.front().clamp_min(1);
-  const auto step_size = -lr / (1 - at::pow(b1, t));                  // -lr / (1 - β₁ᵗ)
-  const auto denom_scale = at::sqrt(1 - at::pow(b2, t)) * step_size;  // √(1 - β₂ᵗ) · step_size
-  // ε / step_size, or +inf on a skipped step: the update m / denom is then 0.
-  const auto eps_over_step = at::where(skip, std::numeric_limits<double>::infinity(), opts_.eps / step_size);
-  const auto decay = at::where(skip, 1.0, 1 - lr * weight_decay), beta1 = at::where(skip, 1.0, b1),
-             beta2 = at::where(skip, 1.0, b2);
+  // With a tensor rate (float64), each expression rounds to float32 where the double path's
+  // scalar does: -lr when it fills the float tensor, 1 - lr·λ once, after double arithmetic.
+  const auto step_size =
+      lr_t.defined() ? lr_t.neg().to(at::kFloat).div(1 - at::pow(b1, t)) : -lr / (1 - at::pow(b1, t));  // -lr / (1 - β₁ᵗ)
+  // A skipped step, or a zero rate (the first warmup step), updates nothing: denom is then +inf
+  // and m / denom = 0. Dividing by a zero step_size instead would make 0/0 = NaN wherever v = 0
+  // (a parameter whose gradient has been exactly 0, e.g. the embedding of a class not yet seen).
+  const auto no_update = skip.logical_or(step_size == 0);
+  const auto denom_scale = at::where(no_update, 1.0, at::sqrt(1 - at::pow(b2, t)) * step_size);  // √(1 - β₂ᵗ) · step_size
+  const auto eps_over_step = at::where(no_update, std::numeric_limits<double>::infinity(), opts_.eps / step_size);
+  const auto decay = lr_t.defined() ? at::where(skip, 1.0, (1 - lr_t * weight_decay).to(at::kFloat))
+                                    : at::where(skip, 1.0, 1 - lr * weight_decay);
+  const auto beta1 = at::where(skip, 1.0, b1), beta2 = at::where(skip, 1.0, b2);
   if (impl_ == OptimizerImpl::foreach) {
     if (weight_decay != 0) at::_foreach_mul_(p, decay);
     at::_foreach_mul_(m, beta1);

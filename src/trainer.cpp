@@ -6,6 +6,8 @@
 #include <cstdio>
 
 #include <ATen/Context.h>
+#include <ATen/ops/_fused_sdp_choice.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/maximum.h>
@@ -32,6 +34,7 @@
 #include "difftrain/signals.h"
 
 #ifdef DIFFTRAIN_WITH_CUDA
+#include "cuda/cuda_graph.h"
 #include "cuda/cuda_memory.h"
 #include "cuda/cuda_probe.h"
 #endif
@@ -76,6 +79,14 @@ void load_named(UNet2DModel& m, const std::map<std::string, at::Tensor>& tensors
   }
 }
 
+// Convolution kernels (the 4-d parameters) in `format`; the rest has no layout to choose.
+void to_memory_format(UNet2DModel& m, at::MemoryFormat format) {
+  if (format == at::MemoryFormat::Contiguous) return;
+  c10::NoGradGuard no_grad;
+  for (auto& p : m->parameters())
+    if (p.dim() == 4) p.set_data(p.contiguous(format));
+}
+
 // The device's default generator (a handle sharing its state).
 at::Generator default_generator(const c10::Device& device) { return at::globalContext().defaultGenerator(device); }
 
@@ -99,6 +110,18 @@ std::string duration_text(double seconds) {
 
 }  // namespace
 
+// On CUDA: device time per step, and with train.cuda_graph the loop's stream and the two graphs.
+struct Trainer::CudaState {
+#ifdef DIFFTRAIN_WITH_CUDA
+  cuda::StepTimer timer;
+  std::unique_ptr<cuda::StreamScope> stream;
+  std::unique_ptr<cuda::Graph> micro, optimizer;
+#endif
+  bool graphed = false;     // train.cuda_graph
+  bool captured = false;    // replaying from now on
+  int64_t eager_steps = 0;  // warm-up steps run so far
+};
+
 Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOptions opts)
     : cfg_(cfg),
       opts_(std::move(opts)),
@@ -114,11 +137,19 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
   std::string precision_reason;
   autocast_ = autocast_dtype(tc.mixed_precision, opts_.device, &precision_reason);
   if (tc.mixed_precision == MixedPrecision::auto_ && rank_ == 0) log_info("{}", precision_reason);
+  if (tc.cuda_graph && !opts_.device.is_cuda())
+    throw UsageError(
+        fmt::format("train.cuda_graph = true needs a CUDA device, and this run is on {} (run.device = \"{}\"); "
+                    "set train.cuda_graph=false or run on a GPU",
+                    opts_.device.str(), cfg_.run.device));
+  capturable_ = tc.cuda_graph || opts_.capturable_state;
+  if (tc.channels_last) memory_format_ = at::MemoryFormat::ChannelsLast;
 
   // The same initial weights on every rank: the model is built from the global seed.
   default_generator(c10::Device(c10::kCPU)).set_current_seed(static_cast<uint64_t>(cfg_.run.seed));
   model_ = UNet2DModel(cfg_.model);
   model_->to(opts_.device);
+  to_memory_format(model_, memory_format_);
   model_->train();
   for (auto& [name, p] : named_parameters(model_)) params_.push_back(p);
   // Per-rank streams: dropout (the device's default generator) and t, ε, class dropout (ours).
@@ -137,6 +168,7 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
   if (cfg_.ema.enabled) {
     ema_model_ = UNet2DModel(cfg_.model);
     ema_model_->to(opts_.device);
+    to_memory_format(ema_model_, memory_format_);
     ema_model_->eval();
     std::vector<at::Tensor> shadow;
     {
@@ -144,7 +176,7 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
       size_t i = 0;
       for (auto& p : ema_model_->parameters()) p.requires_grad_(false).copy_(params_[i++]), shadow.push_back(p);
     }
-    ema_ = std::make_unique<EMAModel>(std::move(shadow), cfg_.ema);
+    ema_ = std::make_unique<EMAModel>(std::move(shadow), cfg_.ema, capturable_);
   }
 
   // scale_lr: the effective batch over the per-rank micro-batch (diffusers' --scale_lr is linear).
@@ -156,6 +188,7 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
   ao.beta1 = tc.adam_beta1, ao.beta2 = tc.adam_beta2, ao.eps = tc.adam_epsilon, ao.weight_decay = tc.weight_decay;
   ao.impl = tc.optimizer_impl;
   optimizer_ = std::make_unique<AdamW>(named_parameters(model_), ao);
+  if (capturable_) lr_t_ = at::zeros({}, at::TensorOptions().dtype(optimizer_->lr_dtype()).device(opts_.device));
   if (tc.mixed_precision == MixedPrecision::fp16) scaler_ = std::make_unique<GradScaler>(GradScalerOptions{}, opts_.device);
 
   const auto fopts = at::TensorOptions().dtype(at::kFloat).device(opts_.device);
@@ -225,9 +258,57 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
           opts_.device.is_cuda());
     }
   }
+  configure_backends();
+  if (opts_.device.is_cuda()) {
+    cuda_ = std::make_unique<CudaState>();
+    cuda_->graphed = tc.cuda_graph;
+#ifdef DIFFTRAIN_WITH_CUDA
+    if (tc.cuda_graph) cuda_->stream = std::make_unique<cuda::StreamScope>(opts_.device.index() < 0 ? 0 : opts_.device.index());
+#endif
+  }
 }
 
 Trainer::~Trainer() = default;
+
+void Trainer::configure_backends() {
+  const auto& tc = cfg_.train;
+  auto& ctx = at::globalContext();
+  if (opts_.device.is_cuda()) {
+    ctx.setBenchmarkCuDNN(tc.cudnn_benchmark);
+    // torch 2.9+: one precision API per process (mixing it with setAllowTF32CuBLAS raises).
+    const auto p = tc.allow_tf32 ? at::Float32Precision::TF32 : at::Float32Precision::IEEE;
+    ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, p);
+    ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, p);
+  } else if ((tc.cudnn_benchmark || tc.allow_tf32) && rank_ == 0) {
+    log_warn("train.cudnn_benchmark and train.allow_tf32 act on CUDA only; this run is on {}", opts_.device.str());
+  }
+  if (rank_ != 0) return;
+  // The attention kernel scaled_dot_product_attention picks for each attention shape of the model
+  // in the training dtype (at::_fused_sdp_choice, as SDPA itself asks), said once.
+  static constexpr const char* kBackends[] = {"math", "flash_attention", "efficient_attention", "cudnn_attention",
+                                              "overrideable"};
+  const auto& m = cfg_.model;
+  const auto levels = static_cast<int>(m.block_out_channels.size());
+  std::vector<std::pair<int, int>> layers;  // (channels, resolution) of each attention
+  for (int i = 0; i < levels; ++i) {
+    if (m.down_block_types[i] == BlockType::AttnDownBlock2D) layers.emplace_back(m.block_out_channels[i], m.sample_size >> i);
+    if (m.up_block_types[i] == BlockType::AttnUpBlock2D)
+      layers.emplace_back(m.block_out_channels[levels - 1 - i], m.sample_size >> (levels - 1 - i));
+  }
+  if (m.add_attention) layers.emplace_back(m.block_out_channels.back(), m.sample_size >> (levels - 1));
+  std::vector<std::string> seen;
+  const auto dtype = autocast_.value_or(at::kFloat);
+  for (const auto& [channels, res] : layers) {
+    const int64_t heads = m.attention_head_dim ? channels / *m.attention_head_dim : 1, tokens = int64_t{res} * res;
+    const auto q =
+        at::empty({tc.batch_size, heads, tokens, channels / heads}, at::TensorOptions().dtype(dtype).device(opts_.device));
+    const auto choice = at::_fused_sdp_choice(q, q, q);
+    const std::string text = fmt::format("{} for {} head(s) x {} tokens x {} dims",
+                                         choice >= 0 && choice < 5 ? kBackends[choice] : "?", heads, tokens, channels / heads);
+    if (std::find(seen.begin(), seen.end(), text) == seen.end()) seen.push_back(text);
+  }
+  if (!seen.empty()) log_info("attention (scaled_dot_product_attention, {}): {}", c10::toString(dtype), fmt::join(seen, "; "));
+}
 
 void Trainer::broadcast_weights() {
   std::vector<at::Tensor> tensors;
@@ -312,70 +393,155 @@ void Trainer::resume_from(const fs::path& path) {
 
 void Trainer::train_step() {
   const auto& tc = cfg_.train;
+  const auto host_start = std::chrono::steady_clock::now();
+#ifdef DIFFTRAIN_WITH_CUDA
+  if (cuda_) cuda_->timer.begin();
+#endif
+  const bool replay = cuda_ && cuda_->captured;
+  for (int64_t micro = 0; micro < tc.gradient_accumulation_steps; ++micro) {
+    const Batch batch = loader_->next();
+    if (!capturable_) {
+      micro_step(batch.images, batch.labels);
+      continue;
+    }
+    stage_batch(batch);
+#ifdef DIFFTRAIN_WITH_CUDA
+    if (replay) {
+      cuda_->micro->replay();
+      continue;
+    }
+#endif
+    micro_step(x0_static_, labels_static_);
+  }
+  // The mean gradient over ranks, once per optimizer step (never per micro-batch), between the graphs.
+  if (opts_.process_group) {
+    std::vector<at::Tensor> grads;
+    for (auto& p : params_) grads.push_back(p.grad());
+    opts_.process_group->allreduce_mean(grads, int64_t{cfg_.distributed.bucket_size_mb} << 20);
+  }
+  const double lr = base_lr_ * lr_lambda(tc.lr_schedule, step_, tc.lr_warmup_steps, tc.max_steps);
+  if (capturable_) lr_t_.fill_(lr);  // outside any graph: the graph reads the tensor
+#ifdef DIFFTRAIN_WITH_CUDA
+  if (replay) {
+    if (capture_grads_) {  // a graph cannot branch on the host: the histogram shows the gradients before clipping
+      histogram_grads_.clear();
+      for (const auto& [name, p] : histogram_params_) histogram_grads_.emplace_back(name, p.grad().detach().clone());
+    }
+    cuda_->optimizer->replay();
+  }
+#endif
+  if (!replay) optimizer_step(lr, capture_grads_);
+#ifdef DIFFTRAIN_WITH_CUDA
+  if (cuda_) cuda_->timer.end();
+#endif
+  interval_host_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - host_start).count();
+  ++step_;
+  ++interval_steps_;
+  if (cuda_ && cuda_->graphed && !cuda_->captured && ++cuda_->eager_steps >= kWarmupSteps) capture_graphs();
+}
+
+void Trainer::micro_step(const at::Tensor& x0, const at::Tensor& class_labels) {
+  const auto& tc = cfg_.train;
   const int64_t k = tc.gradient_accumulation_steps;
   const int64_t T = schedule_.config().num_train_timesteps;
   const auto& dev = opts_.device;
-  for (int64_t micro = 0; micro < k; ++micro) {
-    const Batch batch = loader_->next();
-    const auto& x0 = batch.images;  // (B, C, H, W) in [-1, 1]
-    const int64_t B = x0.size(0);
-    // Drawn for the global batch (world x B), this rank's rows taken: rank r's sample j is row
-    // j * world + r, as DistributedSampler interleaves the ranks' shares of the global batch.
-    const int64_t W = world_size_;
-    auto shape = x0.sizes().vec();
-    shape[0] = B * W;
-    auto mine = [&](const at::Tensor& global) { return W == 1 ? global : global.slice(0, rank_, B * W, W); };
-    const auto noise = mine(at::randn(shape, generator_, x0.options()));                                        // ε ~ N(0, I)
-    const auto t = mine(at::randint(T, {B * W}, generator_, at::TensorOptions().dtype(at::kLong).device(dev)));  // t ~ U{0..T-1}
-    at::Tensor labels;
-    if (cfg_.model.num_class_embeds) {  // classifier-free guidance training: the null class with p = class_dropout_prob
-      const auto drop = mine(at::rand({B * W}, generator_, x0.options())) < tc.class_dropout_prob;
-      labels = at::where(drop, model_->null_class(), batch.labels);
+  const int64_t B = x0.size(0);  // x0: (B, C, H, W) in [-1, 1]
+  // Drawn for the global batch (world x B), this rank's rows taken: rank r's sample j is row
+  // j * world + r, as DistributedSampler interleaves the ranks' shares of the global batch.
+  const int64_t W = world_size_;
+  auto shape = x0.sizes().vec();
+  shape[0] = B * W;
+  auto mine = [&](const at::Tensor& global) { return W == 1 ? global : global.slice(0, rank_, B * W, W); };
+  const bool conditional = cfg_.model.num_class_embeds.has_value();
+  at::Tensor noise, t, drop_u;
+  if (capturable_) {
+    // Static buffers drawn in place, in the order and with the ops at::randn/randint/rand use
+    // (empty + normal_/random_/uniform_): the same numbers as the plain path below.
+    if (!noise_static_.defined()) {
+      noise_static_ = at::empty(shape, x0.options());
+      t_static_ = at::empty({B * W}, at::TensorOptions().dtype(at::kLong).device(dev));
+      if (conditional) drop_static_ = at::empty({B * W}, x0.options());
     }
-    const auto x_t = schedule_.add_noise(x0, noise, t);  // Ho et al. eq. 4
-    at::Tensor out;
-    {
-      AutocastScope autocast(dev.type(), autocast_);
-      out = model_->forward(x_t, t, labels);
-    }
-    const auto per_sample = diffusion_loss(out, schedule_.training_target(x0, noise, t),
-                                           schedule_.loss_weights(t, cfg_.diffusion.snr_gamma));  // (B)
-    const auto loss = per_sample.mean() / static_cast<double>(k);
-    (scaler_ ? scaler_->scale(loss) : loss).backward();
-    {
-      c10::NoGradGuard no_grad;
-      loss_sum_.add_(loss.detach());
-      const auto q = (t * 4).div(T, "floor");  // timestep quartile, as improved-diffusion logs it
-      quartile_sum_.index_add_(0, q, per_sample.detach());
-      quartile_count_.index_add_(0, q, at::ones_like(per_sample));
-    }
+    noise = mine(noise_static_.normal_(0, 1, generator_));
+    t = mine(t_static_.random_(0, T, generator_));
+    if (conditional) drop_u = mine(drop_static_.uniform_(0, 1, generator_));
+  } else {
+    noise = mine(at::randn(shape, generator_, x0.options()));                                         // ε ~ N(0, I)
+    t = mine(at::randint(T, {B * W}, generator_, at::TensorOptions().dtype(at::kLong).device(dev)));  // t ~ U{0..T-1}
+    if (conditional) drop_u = mine(at::rand({B * W}, generator_, x0.options()));
   }
+  at::Tensor labels;
+  if (conditional)  // classifier-free guidance training: the null class with p = class_dropout_prob
+    labels = at::where(drop_u < tc.class_dropout_prob, model_->null_class(), class_labels);
+  auto x_t = schedule_.add_noise(x0, noise, t);  // Ho et al. eq. 4
+  if (memory_format_ != at::MemoryFormat::Contiguous) x_t = x_t.contiguous(memory_format_);
+  at::Tensor out;
+  {
+    AutocastScope autocast(dev.type(), autocast_);
+    out = model_->forward(x_t, t, labels);
+  }
+  const auto per_sample =
+      diffusion_loss(out, schedule_.training_target(x0, noise, t), schedule_.loss_weights(t, cfg_.diffusion.snr_gamma));  // (B)
+  const auto loss = per_sample.mean() / static_cast<double>(k);
+  (scaler_ ? scaler_->scale(loss) : loss).backward();
+  c10::NoGradGuard no_grad;
+  loss_sum_.add_(loss.detach());
+  const auto q = (t * 4).div(T, "floor");  // timestep quartile, as improved-diffusion logs it
+  quartile_sum_.index_add_(0, q, per_sample.detach());
+  quartile_count_.index_add_(0, q, at::ones_like(per_sample));
+}
+
+void Trainer::optimizer_step(double lr, bool keep_grads) {
+  const auto& tc = cfg_.train;
   std::vector<at::Tensor> grads;
   for (auto& p : params_) grads.push_back(p.grad());
-  // The mean gradient over ranks, once per optimizer step (never per micro-batch).
-  if (opts_.process_group)
-    opts_.process_group->allreduce_mean(grads, int64_t{cfg_.distributed.bucket_size_mb} << 20);
   const auto found_inf = scaler_ ? scaler_->unscale_(grads) : at::Tensor();
   const auto grad_norm = clip_grad_norm_(grads, tc.max_grad_norm, optimizer_->impl() != OptimizerImpl::loop);
   // A non-finite gradient skips the step (fp16 overflow, or a real NaN elsewhere).
   const auto nonfinite = scaler_ ? found_inf : at::isfinite(grad_norm).logical_not().to(at::kFloat);
-  optimizer_->step(base_lr_ * lr_lambda(tc.lr_schedule, step_, tc.lr_warmup_steps, tc.max_steps), nonfinite);
+  if (capturable_) optimizer_->step(lr_t_, nonfinite);
+  else optimizer_->step(lr, nonfinite);
   if (scaler_) scaler_->update(found_inf);
-  if (capture_grads_) {
+  if (keep_grads) {
     histogram_grads_.clear();
     for (const auto& [name, p] : histogram_params_) histogram_grads_.emplace_back(name, p.grad().detach().clone());
   }
   optimizer_->zero_grad();
   if (ema_) ema_->step(params_);
-  {
-    c10::NoGradGuard no_grad;
-    if (!scaler_) nonfinite_streak_.add_(nonfinite).mul_(nonfinite);  // consecutive non-finite steps
-    max_streak_.copy_(at::maximum(max_streak_, nonfinite_streak_));
-    skipped_.add_(nonfinite);
-    grad_norm_sum_.add_(at::where(at::isfinite(grad_norm), grad_norm, 0.0));
+  c10::NoGradGuard no_grad;
+  if (!scaler_) nonfinite_streak_.add_(nonfinite).mul_(nonfinite);  // consecutive non-finite steps
+  max_streak_.copy_(at::maximum(max_streak_, nonfinite_streak_));
+  skipped_.add_(nonfinite);
+  grad_norm_sum_.add_(at::where(at::isfinite(grad_norm), grad_norm, 0.0));
+}
+
+void Trainer::stage_batch(const Batch& batch) {
+  if (!x0_static_.defined()) {
+    x0_static_ = at::empty_like(batch.images, at::MemoryFormat::Contiguous);
+    if (batch.labels.defined()) labels_static_ = at::empty_like(batch.labels);
   }
-  ++step_;
-  ++interval_steps_;
+  TORCH_CHECK(batch.images.sizes() == x0_static_.sizes(), "a batch of shape ", batch.images.sizes(),
+              " where the captured step expects ", x0_static_.sizes());
+  x0_static_.copy_(batch.images, /*non_blocking=*/true);
+  if (labels_static_.defined()) labels_static_.copy_(batch.labels, /*non_blocking=*/true);
+}
+
+void Trainer::capture_graphs() {
+#ifdef DIFFTRAIN_WITH_CUDA
+  // Warm-up steps ran eagerly on the graphs' stream (cuDNN and cuBLAS handles, workspaces, the
+  // allocator's blocks); .grad exists, so backward accumulates into it in place when replayed.
+  // Capture records without running: the next step is the first replay.
+  cuda_->micro = std::make_unique<cuda::Graph>(std::vector<at::Generator>{generator_});
+  cuda_->micro->capture([&] { micro_step(x0_static_, labels_static_); });
+  cuda_->optimizer = std::make_unique<cuda::Graph>(std::vector<at::Generator>{}, cuda_->micro.get());
+  cuda_->optimizer->capture([&] { optimizer_step(0.0, /*keep_grads=*/false); });
+  cuda_->captured = true;
+  if (rank_ == 0) {
+    progress_clear();
+    log_info("train.cuda_graph: captured the micro-step and the optimizer step after {} eager steps; replaying from step {}",
+             kWarmupSteps, step_ + 1);
+  }
+#endif
 }
 
 void Trainer::check_nonfinite() const {
@@ -452,6 +618,15 @@ void Trainer::log_interval(bool final) {
       {"train/loss", loss},           {"train/lr", lr},         {"train/grad_norm", grad_norm},
       {"train/img_per_s", img_per_s}, {"train/tflops", tflops}, {"train/epoch", static_cast<double>(loader_->state().epoch)}};
   if (peak_) scalars.emplace_back("train/mfu", mfu);
+  // Host time issuing the steps against their span on the device (CUDA events around each step,
+  // read after the sync above): a device span no longer than the host's means the GPU waited
+  // for kernel launches (launch-bound: train.cuda_graph removes that wait).
+  const auto steps = static_cast<double>(interval_steps_);
+  scalars.emplace_back("train/host_ms_per_step", interval_host_seconds_ * 1e3 / steps);
+#ifdef DIFFTRAIN_WITH_CUDA
+  if (cuda_) scalars.emplace_back("train/device_ms_per_step", cuda_->timer.take_device_ms() / steps);
+#endif
+  interval_host_seconds_ = 0;
   if (ema_) scalars.emplace_back("train/ema_decay", ema_->cur_decay_value());
   if (scaler_) scalars.emplace_back("train/loss_scale", scaler_->scale_tensor().item<double>());
   scalars.emplace_back("train/skipped_steps", static_cast<double>(skipped));
@@ -554,6 +729,14 @@ int Trainer::train() {
            int64_t{tc.batch_size} * tc.gradient_accumulation_steps * world_size_, base_lr_, to_string(tc.lr_schedule),
            tc.lr_warmup_steps, to_string(optimizer_->impl()),
            autocast_ ? fmt::format("{} autocast", c10::toString(*autocast_)) : std::string("fp32"));
+  std::vector<std::string> levers;
+  for (const auto& [on, name] : {std::pair{tc.cuda_graph, "cuda_graph"},
+                                 {tc.channels_last, "channels_last"},
+                                 {tc.fused_groupnorm_silu, "fused_groupnorm_silu"},
+                                 {tc.cudnn_benchmark, "cudnn_benchmark"},
+                                 {tc.allow_tf32, "allow_tf32"}})
+    if (on) levers.emplace_back(name);
+  if (!levers.empty()) log_info("speed switches on: {}", fmt::join(levers, ", "));
   // FLOPs per image and the peak for MFU, said once. The peak precision is the step's matrix
   // arithmetic: the autocast dtype, else TF32 tensor cores when allowed, else fp32.
   flops_ = model_flops(cfg_.model);

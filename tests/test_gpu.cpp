@@ -3,6 +3,7 @@
 // Comparisons with the CPU turn TF32 off, so that both sides compute in float32.
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
@@ -39,11 +40,19 @@ namespace fs = std::filesystem;
 
 const c10::Device kCuda(c10::kCUDA, 0);
 
-// TF32 off for the test's lifetime (cuBLAS and cuDNN), restored after.
+// TF32 off for the test's lifetime (cuBLAS and cuDNN), restored after. With the precision API the
+// trainer uses (train.allow_tf32): torch 2.9+ raises when it is mixed with setAllowTF32CuBLAS.
 struct NoTf32 {
-  bool cublas = at::globalContext().allowTF32CuBLAS(), cudnn = at::globalContext().allowTF32CuDNN();
-  NoTf32() { at::globalContext().setAllowTF32CuBLAS(false), at::globalContext().setAllowTF32CuDNN(false); }
-  ~NoTf32() { at::globalContext().setAllowTF32CuBLAS(cublas), at::globalContext().setAllowTF32CuDNN(cudnn); }
+  using B = at::Float32Backend;
+  using Op = at::Float32Op;
+  at::Float32Precision matmul = at::globalContext().float32Precision(B::CUDA, Op::MATMUL),
+                       conv = at::globalContext().float32Precision(B::CUDA, Op::CONV);
+  NoTf32() { set(at::Float32Precision::IEEE, at::Float32Precision::IEEE); }
+  ~NoTf32() { set(matmul, conv); }
+  static void set(at::Float32Precision m, at::Float32Precision c) {
+    at::globalContext().setFloat32Precision(B::CUDA, Op::MATMUL, m);
+    at::globalContext().setFloat32Precision(B::CUDA, Op::CONV, c);
+  }
 };
 
 // Every host-device synchronisation in scope throws (torch.cuda.set_sync_debug_mode("error")).
@@ -366,6 +375,107 @@ TEST_F(GpuRun, NcclWorldOfOneThroughTheLogInterval) {
   EXPECT_EQ(trainer.step(), 8);
   EXPECT_TRUE(fs::exists(dir_ / "loop" / "metrics.jsonl"));
 #endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// train.cuda_graph (issue 15): replayed steps against eager steps, a resume, accumulation with
+// channels-last, and the timing scalars.
+
+std::vector<at::Tensor> trained_weights(Trainer& t) {
+  std::vector<at::Tensor> out;
+  for (auto& p : t.model()->parameters()) out.push_back(p.detach().cpu().clone());
+  for (auto& p : t.sampling_model()->parameters()) out.push_back(p.detach().cpu().clone());
+  return out;
+}
+
+// The same kernels on the same inputs: replays equal eager steps. Kernels that sum with atomics
+// (cuDNN's weight gradients may) can reorder float32 sums between any two runs, graph or not, and
+// Adam turns a rounding-size gradient into a step-size update, so the bound is what two eager runs
+// differ by, measured here, times 2, plus 8 ulps of the weights; bit-equality is recorded.
+void expect_replays_match(const std::vector<at::Tensor>& eager, const std::vector<at::Tensor>& eager2,
+                          const std::vector<at::Tensor>& graphed, const std::string& what) {
+  double noise = 0, diff = 0, scale = 0;
+  bool equal = true;
+  for (size_t i = 0; i < eager.size(); ++i) {
+    noise = std::max(noise, (eager[i] - eager2[i]).abs().max().item<double>());
+    diff = std::max(diff, (eager[i] - graphed[i]).abs().max().item<double>());
+    scale = std::max(scale, eager[i].abs().max().item<double>());
+    equal = equal && torch::equal(eager[i], graphed[i]);
+  }
+  ::testing::Test::RecordProperty("cuda_graph_bit_equal_" + what, equal ? "yes" : "no");
+  std::cout << what << ": graph vs eager max |diff| " << diff << " (eager vs eager " << noise << "), bit-equal "
+            << (equal ? "yes" : "no") << "\n";
+  EXPECT_LE(diff, 2 * noise + 8 * test::kFloatEps * scale) << what;
+}
+
+TEST_F(GpuRun, CudaGraphReplaysComputeWhatEagerStepsCompute) {
+  DIFFTRAIN_REQUIRE_CUDA();
+  NoTf32 no_tf32;
+  for (MixedPrecision mp : {MixedPrecision::no, MixedPrecision::bf16}) {
+    SCOPED_TRACE(to_string(mp));
+    auto run = [&](bool graph, const std::string& name) {
+      Config c = config("cuda", mp);
+      c.train.cuda_graph = graph;
+      Trainer trainer(c, stand_in_data(), options(kCuda, name + to_string(mp)));
+      for (int i = 0; i < 8; ++i) trainer.train_step();  // 3 eager warm-up steps, then 5 replays
+      c10::cuda::device_synchronize();
+      return trained_weights(trainer);
+    };
+    expect_replays_match(run(false, "eager"), run(false, "eager2"), run(true, "graph"), to_string(mp));
+  }
+}
+
+// Straight 8 steps against 4, a checkpoint and a resume to 8, both with the switch on (the resumed
+// run warms up eagerly again): the same bits, as eager resumes are on this device.
+TEST_F(GpuRun, CudaGraphRunsResumeExactly) {
+  DIFFTRAIN_REQUIRE_CUDA();
+  Config c = config("cuda");
+  c.train.cuda_graph = true;
+  std::vector<at::Tensor> straight;
+  {
+    Trainer t(c, stand_in_data(), options(kCuda, "straight"));
+    for (int i = 0; i < 8; ++i) t.train_step();
+    straight = trained_weights(t);
+  }
+  fs::path saved;
+  {
+    Trainer t(c, stand_in_data(), options(kCuda, "halves"));
+    for (int i = 0; i < 4; ++i) t.train_step();
+    saved = t.save_checkpoint_now();
+  }
+  c.checkpoint.resume = saved.string();
+  Trainer t(c, stand_in_data(), options(kCuda, "halves"));
+  for (int i = 0; i < 4; ++i) t.train_step();
+  const auto resumed = trained_weights(t);
+  for (size_t i = 0; i < resumed.size(); ++i) EXPECT_TRUE(torch::equal(resumed[i], straight[i])) << "tensor " << i;
+}
+
+// Gradient accumulation replays the micro-step graph k times per optimizer step; with
+// channels-last and class conditioning (a second random draw in the graph). Then the whole loop,
+// whose log holds host and device time per step.
+TEST_F(GpuRun, CudaGraphWithAccumulationChannelsLastAndTheLoop) {
+  DIFFTRAIN_REQUIRE_CUDA();
+  NoTf32 no_tf32;
+  auto run = [&](bool graph, const std::string& name) {
+    Config c = config("cuda", MixedPrecision::no);
+    c.train.gradient_accumulation_steps = 2, c.train.channels_last = true, c.train.cuda_graph = graph;
+    c.model.num_class_embeds = 10;
+    Trainer trainer(c, stand_in_data(), options(kCuda, name));
+    for (int i = 0; i < 6; ++i) trainer.train_step();
+    c10::cuda::device_synchronize();
+    return trained_weights(trainer);
+  };
+  expect_replays_match(run(false, "eager"), run(false, "eager2"), run(true, "graph"), "accumulation_channels_last");
+  Config c = config("cuda");
+  c.train.cuda_graph = true;
+  Trainer trainer(c, stand_in_data(), options(kCuda, "loop"));
+  EXPECT_EQ(trainer.train(), 0);
+  std::ifstream log(dir_ / "loop" / "metrics.jsonl");
+  std::string line, last;
+  while (std::getline(log, line)) last = line;
+  const auto j = nlohmann::json::parse(last);
+  EXPECT_GT(j.value("train/host_ms_per_step", 0.0), 0.0) << last;
+  EXPECT_GT(j.value("train/device_ms_per_step", 0.0), 0.0) << last;
 }
 
 TEST(Gpu, SamplingRepeatsExactlyForASeed) {

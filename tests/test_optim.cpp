@@ -125,6 +125,61 @@ TEST(AdamW, AnInfGradientIsSkippedExactlyByEveryImplementation) {
   }
 }
 
+// The capturable form (train.cuda_graph): the rate in a device tensor. Same bits as the double
+// rate, for every implementation, over steps with decay, a skipped step and a changing rate.
+TEST(AdamW, TensorLearningRateIsBitEqualToTheDoublePath) {
+  for (OptimizerImpl impl : {OptimizerImpl::fused, OptimizerImpl::foreach, OptimizerImpl::loop}) {
+    SCOPED_TRACE(to_string(impl));
+    torch::manual_seed(7);
+    const auto w0 = torch::randn({6, 5}), b0 = torch::randn({5});
+    std::vector<at::Tensor> gw, gb;
+    for (int k = 0; k < 6; ++k) gw.push_back(torch::randn({6, 5})), gb.push_back(torch::randn({5}));
+    AdamWOptions o;
+    o.weight_decay = 0.03, o.impl = impl;
+    auto w1 = w0.clone().requires_grad_(), b1 = b0.clone().requires_grad_();
+    auto w2 = w0.clone().requires_grad_(), b2 = b0.clone().requires_grad_();
+    AdamW by_double({{"w", w1}, {"b", b1}}, o), by_tensor({{"w", w2}, {"b", b2}}, o);
+    ASSERT_EQ(by_tensor.lr_dtype(), at::kDouble);  // on the CPU, every implementation
+    const auto lr_t = torch::zeros({}, torch::dtype(by_tensor.lr_dtype()));
+    for (int k = 0; k < 6; ++k) {
+      const double lr = 1e-3 * lr_lambda(LrSchedule::cosine, k, 2, 6) + 3.3e-5;  // not a float32 value
+      const auto found_inf = torch::full({}, k == 3 ? 1.0f : 0.0f);
+      w1.mutable_grad() = gw[k].clone(), b1.mutable_grad() = gb[k].clone();
+      w2.mutable_grad() = gw[k].clone(), b2.mutable_grad() = gb[k].clone();
+      by_double.step(lr, found_inf);
+      lr_t.fill_(lr);
+      by_tensor.step(lr_t, found_inf);
+      ASSERT_TRUE(torch::equal(w1, w2)) << "step " << k;
+      ASSERT_TRUE(torch::equal(b1, b2)) << "step " << k;
+    }
+    const auto s1 = by_double.state_dict(), s2 = by_tensor.state_dict();
+    for (size_t i = 0; i < s1.size(); ++i) EXPECT_TRUE(torch::equal(s1[i].second, s2[i].second)) << s1[i].first;
+  }
+  AdamW opt({{"w", torch::zeros({2, 2}).requires_grad_()}}, AdamWOptions{});
+  EXPECT_THROW(opt.step(torch::zeros({}, torch::kFloat)), c10::Error);  // a float32 rate would round it
+}
+
+// A zero rate (the first step of a linear warmup) leaves the parameters as they are in every
+// implementation, also where the gradient is exactly 0 so far (v = 0): no 0/0.
+TEST(AdamW, ZeroLearningRateChangesNothingWhereTheGradientIsZero) {
+  for (OptimizerImpl impl : {OptimizerImpl::fused, OptimizerImpl::foreach, OptimizerImpl::loop}) {
+    SCOPED_TRACE(to_string(impl));
+    AdamWOptions o;
+    o.weight_decay = 0.1, o.impl = impl;
+    const auto w0 = torch::randn({3, 4});
+    auto w = w0.clone().requires_grad_();
+    AdamW opt({{"w", w}}, o);
+    auto g = torch::randn({3, 4});
+    g.index_put_({0}, 0.0);  // a row that has had no gradient (an unseen class's embedding)
+    w.mutable_grad() = g;
+    opt.step(0.0);
+    EXPECT_TRUE(torch::equal(w, w0));
+    w.mutable_grad() = g.clone();
+    opt.step(torch::zeros({}, torch::dtype(opt.lr_dtype())));
+    EXPECT_TRUE(torch::equal(w, w0));
+  }
+}
+
 TEST(AdamW, StateRoundTripsAndMismatchesAreNamed) {
   auto w = torch::randn({2, 2}).requires_grad_();
   AdamW a({{"w", w}}, {});
@@ -177,40 +232,70 @@ TEST(EMA, MatchesDiffusersEMAModel) {
   DIFFTRAIN_REQUIRE_REFERENCE(dir);
   const auto ref = load_tensors(dir + "/optim.pt");
   const auto cases = load_json(dir + "/optim.json");
-  for (const auto& c : cases["ema"]) {
-    const int i = c["i"];
-    SCOPED_TRACE(c["config"].dump());
-    EmaConfig cfg;
-    cfg.decay = c["config"]["decay"];
-    cfg.use_ema_warmup = c["config"]["use_ema_warmup"];
-    cfg.min_decay = c["config"].value("min_decay", 0.0);
-    cfg.update_after_step = c["config"].value("update_after_step", 0);
-    cfg.inv_gamma = c["config"].value("inv_gamma", 1.0);
-    cfg.power = c["config"].value("power", 2.0 / 3.0);
-    auto shadow = ref.at(fmt::format("ema.{}.p0", i)).clone();
-    EMAModel ema({shadow}, cfg);
-    for (int k = 0; k < 12; ++k) {
-      ema.step({ref.at(fmt::format("ema.{}.param{}", i, k))});
-      EXPECT_NEAR(ema.cur_decay_value(), c["decays"][static_cast<size_t>(k)].get<double>(), 1e-12) << "step " << k;
-      // s ← d·s + (1-d)·p (ours) or s - (1-d)(s - p) (diffusers): 3u of |s| + |p| per step and
-      // evaluation, accumulated over k + 1 steps.
-      const auto want = ref.at(fmt::format("ema.{}.shadow{}", i, k)), p = ref.at(fmt::format("ema.{}.param{}", i, k));
-      EXPECT_TRUE(test::within_ulps(shadow, want, (want.abs() + p.abs()).to(at::kDouble), 3.0 * (k + 1))) << "step " << k;
+  for (const bool capturable : {false, true})
+    for (const auto& c : cases["ema"]) {
+      const int i = c["i"];
+      SCOPED_TRACE(c["config"].dump() + (capturable ? " capturable" : ""));
+      EmaConfig cfg;
+      cfg.decay = c["config"]["decay"];
+      cfg.use_ema_warmup = c["config"]["use_ema_warmup"];
+      cfg.min_decay = c["config"].value("min_decay", 0.0);
+      cfg.update_after_step = c["config"].value("update_after_step", 0);
+      cfg.inv_gamma = c["config"].value("inv_gamma", 1.0);
+      cfg.power = c["config"].value("power", 2.0 / 3.0);
+      auto shadow = ref.at(fmt::format("ema.{}.p0", i)).clone();
+      EMAModel ema({shadow}, cfg, capturable);
+      for (int k = 0; k < 12; ++k) {
+        ema.step({ref.at(fmt::format("ema.{}.param{}", i, k))});
+        // The decay is a few float64 operations (pow: within an ulp or two): 1e-12 is loose.
+        EXPECT_NEAR(ema.cur_decay_value(), c["decays"][static_cast<size_t>(k)].get<double>(), 1e-12) << "step " << k;
+        // lerp s + w(p - s) (ours) or s - w(s - p) (diffusers), w = 1 - d rounded to float32 in
+        // both: 3u of |s| + |p| per step and evaluation, accumulated over k + 1 steps.
+        const auto want = ref.at(fmt::format("ema.{}.shadow{}", i, k)), p = ref.at(fmt::format("ema.{}.param{}", i, k));
+        EXPECT_TRUE(test::within_ulps(shadow, want, (want.abs() + p.abs()).to(at::kDouble), 3.0 * (k + 1))) << "step " << k;
+      }
+      EXPECT_EQ(ema.optimization_step(), 12);
     }
-    EXPECT_EQ(ema.optimization_step(), 12);
+}
+
+// The capturable EMA (device counter and decay) against the host one: the same bits, with
+// warmup, update_after_step and update_every, and across a resume of the counter.
+TEST(EMA, CapturableEqualsTheHostPathBitForBit) {
+  EmaConfig cfg;
+  cfg.decay = 0.9999, cfg.use_ema_warmup = true, cfg.power = 0.75, cfg.update_after_step = 2, cfg.update_every = 2;
+  torch::manual_seed(3);
+  const auto init = torch::randn({4, 3});
+  auto host_shadow = init.clone(), dev_shadow = init.clone();
+  EMAModel host({host_shadow}, cfg), dev({dev_shadow}, cfg, /*capturable=*/true);
+  auto p = init.clone();
+  for (int k = 1; k <= 40; ++k) {
+    p.add_(torch::randn({4, 3}));
+    host.step({p}), dev.step({p});
+    ASSERT_TRUE(torch::equal(host_shadow, dev_shadow)) << "step " << k;
+    ASSERT_EQ(host.cur_decay_value(), dev.cur_decay_value()) << "step " << k;
+    if (k == 25) {  // a resume of both at an odd step (not an update step)
+      EMAModel host2({host_shadow}, cfg), dev2({dev_shadow}, cfg, true);
+      host2.set_optimization_step(25), dev2.set_optimization_step(25);
+      EXPECT_EQ(dev2.optimization_step(), 25);
+      EXPECT_EQ(host2.cur_decay_value(), host.cur_decay_value());
+      EXPECT_EQ(dev2.cur_decay_value(), dev.cur_decay_value());
+    }
   }
+  EXPECT_EQ(dev.optimization_step(), 40);
 }
 
 TEST(EMA, UpdateEveryAveragesOnEveryKthStepOnly) {
-  EmaConfig cfg;
-  cfg.use_ema_warmup = false, cfg.update_every = 3, cfg.decay = 0.5, cfg.min_decay = 0.5;
-  auto shadow = torch::zeros({2});
-  EMAModel ema({shadow}, cfg);
-  const auto p = torch::ones({2});
-  ema.step({p}), ema.step({p});
-  EXPECT_TRUE(torch::equal(shadow, torch::zeros({2})));
-  ema.step({p});  // step 3: shadow = 0.5 * 0 + 0.5 * 1
-  EXPECT_TRUE(torch::allclose(shadow, torch::full({2}, 0.5)));
+  for (const bool capturable : {false, true}) {
+    EmaConfig cfg;
+    cfg.use_ema_warmup = false, cfg.update_every = 3, cfg.decay = 0.5, cfg.min_decay = 0.5;
+    auto shadow = torch::zeros({2});
+    EMAModel ema({shadow}, cfg, capturable);
+    const auto p = torch::ones({2});
+    ema.step({p}), ema.step({p});
+    EXPECT_TRUE(torch::equal(shadow, torch::zeros({2})));
+    ema.step({p});  // step 3: shadow = 0.5 * 0 + 0.5 * 1
+    EXPECT_TRUE(torch::allclose(shadow, torch::full({2}, 0.5)));
+  }
 }
 
 TEST(ClipGradNorm, MatchesTorchClipGradNorm) {

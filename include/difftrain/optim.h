@@ -43,6 +43,12 @@ class AdamW {
   // the parameters' device) is 1, parameters and state stay as they were, decided on the device
   // in every implementation (foreach and loop zero the gradients of such a step in place).
   void step(double lr, const at::Tensor& found_inf = {});
+  // The same update with the learning rate in a 0-d tensor on the parameters' device, of dtype
+  // lr_dtype(), so that a captured CUDA graph reads a new rate on every replay (the rate is
+  // written into the tensor before it). Bit-equal to step(double) wherever lr_dtype() is float64,
+  // i.e. everywhere but the fused CUDA kernel, which reads a float32 rate.
+  void step(const at::Tensor& lr, const at::Tensor& found_inf = {});
+  at::ScalarType lr_dtype() const;
   void zero_grad();  // in place, so gradient buffers keep their addresses
 
   OptimizerImpl impl() const { return impl_; }
@@ -55,7 +61,9 @@ class AdamW {
   void load_state_dict(const std::map<std::string, at::Tensor>& state);
 
  private:
-  void step_group(const std::vector<size_t>& idx, double lr, double weight_decay, const at::Tensor& found_inf);
+  // `lr_t` (a 0-d tensor) when defined, else `lr`.
+  void step_group(const std::vector<size_t>& idx, double lr, const at::Tensor& lr_t, double weight_decay,
+                  const at::Tensor& found_inf);
 
   AdamWOptions opts_;
   OptimizerImpl impl_;

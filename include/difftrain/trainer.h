@@ -47,6 +47,10 @@ struct TrainerOptions {
   // resume from a checkpoint takes precedence.
   std::map<std::string, at::Tensor> init_weights;
   std::string init_source;  // where they came from, for messages
+  // The capturable step's state (the rate in a device tensor, the EMA counter and decay on the
+  // device, static input buffers) without a CUDA graph, on any device: for tests that it computes
+  // what the plain step computes. train.cuda_graph implies it.
+  bool capturable_state = false;
 };
 
 class Trainer {
@@ -61,7 +65,10 @@ class Trainer {
   int train();
 
   // One optimizer step: gradient_accumulation_steps micro-batches, clip, AdamW, EMA. No host sync.
+  // With train.cuda_graph, the micro-step and the optimizer step are captured after kWarmupSteps
+  // eager steps and replayed from then on (the all-reduce runs between the two graphs).
   void train_step();
+  static constexpr int64_t kWarmupSteps = 3;
 
   int64_t step() const { return step_; }
   UNet2DModel& model() { return model_; }
@@ -70,6 +77,15 @@ class Trainer {
 
  private:
   void resume_from(const std::filesystem::path& path);
+  // The two halves of train_step(), each capturable as a CUDA graph: forward + backward of one
+  // micro-batch (its gradients added to .grad), and unscale, clip, AdamW, EMA and the statistics
+  // (`lr` is used unless the state is capturable, which reads lr_t_; `keep_grads` copies the
+  // histogram layers' gradients before they are zeroed).
+  void micro_step(const at::Tensor& x0, const at::Tensor& class_labels);
+  void optimizer_step(double lr, bool keep_grads);
+  void stage_batch(const Batch& batch);  // into the static input buffers
+  void capture_graphs();
+  void configure_backends();  // cuDNN/TF32 switches, the SDPA backend in the log
   void broadcast_weights();  // rank 0's model and EMA to every rank
   void log_interval(bool final);
   void write_sample_grid();
@@ -97,6 +113,16 @@ class Trainer {
   int64_t rank_ = 0, world_size_ = 1;
   LoaderState resume_loader_state_;  // where the loader starts (a checkpoint's position)
   double base_lr_ = 0;
+
+  // The capturable step (train.cuda_graph or TrainerOptions::capturable_state).
+  bool capturable_ = false;
+  at::Tensor lr_t_;                                                // the rate of the next optimizer step
+  at::Tensor x0_static_, labels_static_;                           // the loader copies each batch here
+  at::Tensor noise_static_, t_static_, drop_static_;               // drawn in place on every step
+  struct CudaState;                                                // CUDA graphs, their stream, step timing
+  std::unique_ptr<CudaState> cuda_;                                // on CUDA
+  at::MemoryFormat memory_format_ = at::MemoryFormat::Contiguous;  // train.channels_last
+  double interval_host_seconds_ = 0;                               // host time issuing this interval's steps
 
   // Accumulated on the device between log intervals (read there only).
   at::Tensor loss_sum_, grad_norm_sum_, nonfinite_streak_, max_streak_, skipped_, quartile_sum_, quartile_count_;
