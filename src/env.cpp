@@ -14,6 +14,7 @@
 #include <torch/version.h>
 
 #include "difftrain/errors.h"
+#include "difftrain/peak.h"
 #include "difftrain/version.h"
 
 #ifdef DIFFTRAIN_WITH_CUDA
@@ -105,6 +106,24 @@ std::string cpu_capability_of(const std::string& config) {
 
 std::string cuda_version_text(int v) { return v ? fmt::format("{}.{}", v / 1000, (v % 1000) / 10) : "none"; }
 
+// "989.5 TFLOP/s bf16, 67 TFLOP/s fp32 (dense, datasheet)": the peaks train/mfu divides by.
+std::string gpu_peak_text(const std::string& name) {
+  const auto bf16 = peak_tflops(name, PeakPrecision::bf16), fp32 = peak_tflops(name, PeakPrecision::fp32);
+  if (!bf16 && !fp32) return "not in the table; set run.peak_tflops for train/mfu";
+  return fmt::format("{}, {} (dense, from the datasheet; the denominator of train/mfu)",
+                     bf16 ? fmt::format("{:g} TFLOP/s bf16", *bf16) : std::string("no bf16"),
+                     fmt::format("{:g} TFLOP/s fp32", *fp32));
+}
+
+nlohmann::ordered_json gpu_peak_json(const std::string& name) {
+  nlohmann::ordered_json j;
+  for (const auto p : {PeakPrecision::bf16, PeakPrecision::fp16, PeakPrecision::tf32, PeakPrecision::fp32}) {
+    const auto v = peak_tflops(name, p);
+    j[to_string(p)] = v ? nlohmann::ordered_json(*v) : nlohmann::ordered_json(nullptr);
+  }
+  return j;
+}
+
 }  // namespace
 
 EnvReport collect_env() {
@@ -171,6 +190,7 @@ std::string format_env(const EnvReport& e) {
     line(fmt::format("GPU {}", g.index), fmt::format("{}, {:.1f} GiB, compute capability {}.{}, {} SMs", g.name,
                                                      static_cast<double>(g.total_memory_bytes) / (1024.0 * 1024.0 * 1024.0), g.major,
                                                      g.minor, g.multiprocessor_count));
+  for (const auto& g : e.cuda.gpus) line(fmt::format("GPU {} peak", g.index), gpu_peak_text(g.name));
   line("CPU threads", fmt::format("{} hardware, {} used by LibTorch{}", e.hardware_threads, e.torch_threads,
                                   e.cpu_capability.empty() ? "" : ", " + e.cpu_capability));
   std::string backends;
@@ -188,7 +208,8 @@ nlohmann::ordered_json env_to_json(const EnvReport& e) {
                     {"name", g.name},
                     {"total_memory_bytes", g.total_memory_bytes},
                     {"compute_capability", fmt::format("{}.{}", g.major, g.minor)},
-                    {"multiprocessor_count", g.multiprocessor_count}});
+                    {"multiprocessor_count", g.multiprocessor_count},
+                    {"peak_tflops", gpu_peak_json(g.name)}});
   return {
       {"difftrain_version", e.difftrain_version},
       {"compiler", e.compiler},

@@ -36,6 +36,7 @@
 #ifdef DIFFTRAIN_WITH_CUDA
 #include "cuda/cuda_graph.h"
 #include "cuda/cuda_memory.h"
+#include "cuda/cuda_probe.h"
 #endif
 
 namespace difftrain {
@@ -613,10 +614,15 @@ void Trainer::log_interval(bool final) {
   const double elapsed = std::chrono::duration<double>(now - train_start_).count();
   const double eta = elapsed / static_cast<double>(step_ - start_step_) * static_cast<double>(tc.max_steps - step_);
   const auto skipped = static_cast<int64_t>(skipped_.item<double>());
+  // Achieved model TFLOP/s per device: FLOPs per image (forward + backward, src/flops.cpp) times
+  // this rank's images per second; MFU divides it by the device's peak (run.peak_tflops or the table).
+  const double tflops = static_cast<double>(flops_.total()) * (img_per_s / static_cast<double>(world_size_)) / 1e12;
+  const double mfu = peak_ ? tflops / peak_->tflops : 0.0;  // logged only with a peak
 
   std::vector<std::pair<std::string, double>> scalars = {
-      {"train/loss", loss}, {"train/lr", lr}, {"train/grad_norm", grad_norm}, {"train/img_per_s", img_per_s},
-      {"train/epoch", static_cast<double>(loader_->state().epoch)}};
+      {"train/loss", loss},           {"train/lr", lr},         {"train/grad_norm", grad_norm},
+      {"train/img_per_s", img_per_s}, {"train/tflops", tflops}, {"train/epoch", static_cast<double>(loader_->state().epoch)}};
+  if (peak_) scalars.emplace_back("train/mfu", mfu);
   // Host time issuing the steps against their span on the device (CUDA events around each step,
   // read after the sync above): a device span no longer than the host's means the GPU waited
   // for kernel launches (launch-bound: train.cuda_graph removes that wait).
@@ -647,9 +653,9 @@ void Trainer::log_interval(bool final) {
   if (metrics_) metrics_->scalars(step_, scalars);
 
   progress_clear();
-  log_info("step {}/{} | loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.1f} img/s | {} | ETA {}{}{}", step_, tc.max_steps, loss, lr,
-           grad_norm, img_per_s, duration_text(elapsed), final ? "done" : duration_text(eta), memory,
-           skipped > 0 ? fmt::format(" | skipped {} non-finite", skipped) : "");
+  log_info("step {}/{} | loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.1f} img/s{} | {} | ETA {}{}{}", step_, tc.max_steps, loss, lr,
+           grad_norm, img_per_s, peak_ ? fmt::format(" | MFU {:.1f}%", 100.0 * mfu) : std::string(), duration_text(elapsed),
+           final ? "done" : duration_text(eta), memory, skipped > 0 ? fmt::format(" | skipped {} non-finite", skipped) : "");
   last_log_summary_ = fmt::format("loss {:.4f} | {:.0f} img/s{}", loss, img_per_s, memory);
 
   loss_sum_.zero_(), grad_norm_sum_.zero_(), quartile_sum_.zero_(), quartile_count_.zero_();
@@ -736,6 +742,31 @@ int Trainer::train() {
                                  {tc.allow_tf32, "allow_tf32"}})
     if (on) levers.emplace_back(name);
   if (!levers.empty()) log_info("speed switches on: {}", fmt::join(levers, ", "));
+  // FLOPs per image and the peak for MFU, said once. The peak precision is the step's matrix
+  // arithmetic: the autocast dtype, else TF32 tensor cores when allowed, else fp32.
+  flops_ = model_flops(cfg_.model);
+  const PeakPrecision precision = autocast_ == c10::kBFloat16 ? PeakPrecision::bf16
+                                  : autocast_ == c10::kHalf   ? PeakPrecision::fp16
+                                  : tc.allow_tf32             ? PeakPrecision::tf32
+                                                              : PeakPrecision::fp32;
+  std::optional<std::string> gpu_name;
+#ifdef DIFFTRAIN_WITH_CUDA
+  if (opts_.device.is_cuda() && cfg_.run.peak_tflops <= 0) {
+    const int index = opts_.device.has_index() ? opts_.device.index() : 0;
+    for (const auto& g : cuda::probe().gpus)
+      if (g.index == index) gpu_name = g.name;
+  }
+#endif
+  peak_ = choose_peak(cfg_.run.peak_tflops, gpu_name, precision);
+  log_info(
+      "model FLOPs per image: {:.4g} GFLOP forward + {:.4g} backward = {:.4g} GFLOP per training image (counted as "
+      "torch.utils.flop_counter does); {}",
+      static_cast<double>(flops_.forward) / 1e9, static_cast<double>(flops_.backward) / 1e9,
+      static_cast<double>(flops_.total()) / 1e9,
+      peak_      ? fmt::format("train/mfu against a peak of {:g} TFLOP/s per device ({})", peak_->tflops, peak_->source)
+      : gpu_name ? fmt::format("no train/mfu: {} has no {} entry in the peak table; set run.peak_tflops", *gpu_name,
+                               to_string(precision))
+                 : std::string("no train/mfu on this device unless run.peak_tflops is set"));
   start_step_ = step_;
   train_start_ = interval_start_ = std::chrono::steady_clock::now();
   const int64_t hist_every = cfg_.logging.histogram_every;

@@ -101,6 +101,23 @@ TEST(Env, TextAndJsonCarryTheSameFacts) {
   EXPECT_EQ(j["cpu"]["hardware_threads"], e.hardware_threads);
 }
 
+// Each GPU's datasheet peak (the denominator of train/mfu), or how to supply one.
+TEST(Env, ReportsEachGpusPeak) {
+  EnvReport e = collect_env();
+  e.cuda.gpus = {GpuInfo{0, "NVIDIA H100 80GB HBM3", 85ull << 30, 9, 0, 132}, GpuInfo{1, "Tesla T4", 15ull << 30, 7, 5, 40},
+                 GpuInfo{2, "Some Future GPU", 1ull << 30, 12, 0, 1}};
+  const std::string text = format_env(e);
+  EXPECT_NE(text.find("GPU 0 peak:           989.5 TFLOP/s bf16, 67 TFLOP/s fp32"), std::string::npos) << text;
+  EXPECT_NE(text.find("GPU 1 peak:           no bf16, 8.1 TFLOP/s fp32"), std::string::npos) << text;
+  EXPECT_NE(text.find("GPU 2 peak:           not in the table; set run.peak_tflops"), std::string::npos) << text;
+  const auto j = env_to_json(e);
+  EXPECT_EQ(j["gpus"][0]["peak_tflops"]["bf16"], 989.5);
+  EXPECT_EQ(j["gpus"][0]["peak_tflops"]["tf32"], 494.5);
+  EXPECT_TRUE(j["gpus"][1]["peak_tflops"]["bf16"].is_null());
+  EXPECT_EQ(j["gpus"][1]["peak_tflops"]["fp16"], 65);
+  EXPECT_TRUE(j["gpus"][2]["peak_tflops"]["fp32"].is_null());
+}
+
 TEST(Env, ThreadsDefaultToAllCores) {
   EXPECT_EQ(configure_threads(0), static_cast<int>(std::thread::hardware_concurrency()));
   EXPECT_EQ(configure_threads(1), 1);

@@ -20,7 +20,9 @@
 #include "difftrain/config.h"
 #include "difftrain/data.h"
 #include "difftrain/ema.h"
+#include "difftrain/flops.h"
 #include "difftrain/optim.h"
+#include "difftrain/peak.h"
 #include "difftrain/scheduler.h"
 #include "difftrain/unet.h"
 
@@ -135,6 +137,8 @@ class Trainer {
   bool live_progress_ = false;
   std::chrono::steady_clock::time_point last_progress_;
   std::string last_log_summary_;  // loss and img/s of the last interval, for the live line
+  ModelFlops flops_;              // per image, for train/tflops (set when training starts)
+  std::optional<Peak> peak_;      // the denominator of train/mfu; none = no MFU
 };
 
 }  // namespace difftrain

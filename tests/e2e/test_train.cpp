@@ -3,6 +3,8 @@
 // deterministically across device types, a corrupt latest checkpoint falls back, a changed model
 // is refused, stop signals checkpoint and exit 75, and a diverging run stops with an error.
 #include "difftrain/checkpoint.h"
+#include "difftrain/config.h"
+#include "difftrain/flops.h"
 #include "difftrain/safetensors.h"
 #include "e2e/train_run.h"
 #include "test_paths.h"
@@ -17,7 +19,12 @@ TEST_F(Train, LossFallsAndTheRunDirectoryIsComplete) {
   ASSERT_EQ(run(args("a", 60), "a"), 0) << err("a");
   std::vector<double> losses;
   std::ifstream jsonl(dir_ / "a" / "metrics.jsonl");
-  for (std::string line; std::getline(jsonl, line);) losses.push_back(json::parse(line)["train/loss"].get<double>());
+  for (std::string line; std::getline(jsonl, line);) {
+    const auto j = json::parse(line);
+    losses.push_back(j["train/loss"].get<double>());
+    EXPECT_TRUE(j.contains("train/tflops")) << line;
+    EXPECT_FALSE(j.contains("train/mfu")) << "a CPU with run.peak_tflops = 0 has no peak: " << line;
+  }
   ASSERT_EQ(losses.size(), 12u);  // every 5 steps
   EXPECT_LT(losses.back(), 0.5 * losses.front()) << "loss did not fall: " << losses.front() << " -> " << losses.back();
   for (const char* f : {"config.json", "train.log", "metrics.jsonl", "samples/step_00000020.png", "samples/step_00000060.png",
@@ -29,6 +36,32 @@ TEST_F(Train, LossFallsAndTheRunDirectoryIsComplete) {
   for (const auto& e : fs::directory_iterator(dir_ / "a")) events |= e.path().filename().string().rfind("events.out.tfevents.", 0) == 0;
   EXPECT_TRUE(events);
   EXPECT_NE(err("a").find("step 60/60"), std::string::npos) << err("a");
+}
+
+// train/tflops is the model's FLOPs per image (forward + backward, src/flops.cpp, checked against
+// FlopCounterMode in test_flops) times the interval's images per second, from the same log line;
+// with run.peak_tflops set, train/mfu is tflops over that peak, and the console shows it.
+TEST_F(Train, TflopsAndMfuAreLogged) {
+  ASSERT_EQ(run(args("mfu", 10, {"--set", "run.peak_tflops=1", "--set", "sampling.num_final_samples=0"}), "mfu"), 0)
+      << err("mfu");
+  const double flops = static_cast<double>(model_flops(load_config((dir_ / "mfu" / "config.json").string()).model).total());
+  EXPECT_GT(flops, 1e7);  // the two-level 16x16 test model: about 0.1 GFLOP per image
+  std::ifstream jsonl(dir_ / "mfu" / "metrics.jsonl");
+  int lines = 0;
+  for (std::string line; std::getline(jsonl, line); ++lines) {
+    const auto j = json::parse(line);
+    ASSERT_TRUE(j.contains("train/tflops") && j.contains("train/mfu")) << line;
+    const double tflops = j["train/tflops"].get<double>();
+    EXPECT_GT(tflops, 0) << line;
+    // The same double operations as the trainer's (one rank), written to JSON with round-trip precision.
+    EXPECT_DOUBLE_EQ(tflops, flops * j["train/img_per_s"].get<double>() / 1e12) << line;
+    EXPECT_DOUBLE_EQ(j["train/mfu"].get<double>(), tflops / 1.0) << line;
+  }
+  EXPECT_EQ(lines, 2);  // steps 5 and 10
+  const std::string log = err("mfu");
+  EXPECT_NE(log.find("model FLOPs per image"), std::string::npos) << log;
+  EXPECT_NE(log.find("train/mfu against a peak of 1 TFLOP/s per device (run.peak_tflops)"), std::string::npos) << log;
+  EXPECT_NE(log.find(" img/s | MFU "), std::string::npos) << log;
 }
 
 // TensorBoard reads the run: every metrics.jsonl value, the sample images, histograms and the

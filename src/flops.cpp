@@ -1,0 +1,114 @@
+#include "difftrain/flops.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace difftrain {
+
+namespace {
+
+bool has_attention(BlockType t) { return t == BlockType::AttnDownBlock2D || t == BlockType::AttnUpBlock2D; }
+
+// Sums the counts layer by layer, walking the UNet as src/unet.cpp builds it (diffusers'
+// UNet2DModel), for one image.
+struct Counter {
+  ModelFlops f;
+
+  // flop_counter.py conv_flop_count: 2·prod(out spatial)·prod(kernel)·C_out·C_in. Its
+  // conv_backward_flop counts grad-input as the transposed convolution over the same output
+  // positions and grad-weight as conv(input, grad_out): the same product each.
+  void conv(int64_t c_in, int64_t c_out, int64_t kernel, int64_t h_out, int64_t w_out, bool input_requires_grad = true) {
+    const int64_t n = 2 * h_out * w_out * kernel * kernel * c_in * c_out;
+    f.forward += n;
+    f.backward += n + (input_requires_grad ? n : 0);
+  }
+  // addmm/mm: 2·m·k·n; backward grad_weight = grad_outᵀ·x and grad_input = grad_out·W.
+  void linear(int64_t in, int64_t out, int64_t rows, bool input_requires_grad = true) {
+    const int64_t n = 2 * rows * in * out;
+    f.forward += n;
+    f.backward += n + (input_requires_grad ? n : 0);
+  }
+  // sdpa_flop_count / sdpa_backward_flop_count over heads·head_dim = channels: each bmm is
+  // 2·heads·L·L·head_dim = 2·L²·C.
+  void attention(int64_t channels, int64_t positions) {
+    const int64_t bmm = 2 * positions * positions * channels;
+    f.forward += 2 * bmm;
+    f.backward += 5 * bmm;
+  }
+
+  // ResnetBlock2D: conv1, time_emb_proj (Linear on silu(temb), one row per image; 2·C_out
+  // outputs for scale_shift), conv2, and a 1x1 conv_shortcut when the channels change.
+  void resnet(int64_t c_in, int64_t c_out, int64_t temb, bool scale_shift, int64_t h, int64_t w) {
+    conv(c_in, c_out, 3, h, w);
+    linear(temb, scale_shift ? 2 * c_out : c_out, 1);
+    conv(c_out, c_out, 3, h, w);
+    if (c_in != c_out) conv(c_in, c_out, 1, h, w);
+  }
+  // Attention: to_q, to_k, to_v, to_out[0] over the H·W positions, and SDPA between them.
+  void attention_block(int64_t channels, int64_t h, int64_t w) {
+    for (int i = 0; i < 4; ++i) linear(channels, channels, h * w);
+    attention(channels, h * w);
+  }
+};
+
+}  // namespace
+
+ModelFlops model_flops(const ModelConfig& m, int64_t height, int64_t width) {
+  Counter c;
+  const auto& ch = m.block_out_channels;
+  const auto levels = static_cast<int64_t>(ch.size());
+  const int64_t temb = 4 * int64_t{ch[0]};
+  const bool ss = m.resnet_time_scale_shift == TimeScaleShift::scale_shift;
+  int64_t h = height, w = width;
+
+  // time_embedding: linear_1 (its input, the sinusoidal embedding, needs no grad), SiLU, linear_2.
+  c.linear(ch[0], temb, 1, /*input_requires_grad=*/false);
+  c.linear(temb, temb, 1);
+  c.conv(m.in_channels, ch[0], 3, h, w, /*input_requires_grad=*/false);  // conv_in on the noisy sample
+
+  // Down blocks; the skip channels are recorded as the up blocks consume them.
+  std::vector<int64_t> skips{ch[0]};
+  int64_t out = ch[0];
+  for (int64_t i = 0; i < levels; ++i) {
+    const int64_t in = out;
+    out = ch[static_cast<size_t>(i)];
+    for (int64_t j = 0; j < m.layers_per_block; ++j) {
+      c.resnet(j == 0 ? in : out, out, temb, ss, h, w);
+      if (has_attention(m.down_block_types[static_cast<size_t>(i)])) c.attention_block(out, h, w);
+      skips.push_back(out);
+    }
+    if (i < levels - 1) {  // Downsample2D: 3x3, stride 2, padding 1
+      h = (h - 1) / 2 + 1, w = (w - 1) / 2 + 1;
+      c.conv(out, out, 3, h, w);
+      skips.push_back(out);
+    }
+  }
+
+  // Mid block: resnet, attention (when add_attention), resnet.
+  c.resnet(ch.back(), ch.back(), temb, ss, h, w);
+  if (m.add_attention) c.attention_block(ch.back(), h, w);
+  c.resnet(ch.back(), ch.back(), temb, ss, h, w);
+
+  // Up blocks: layers_per_block + 1 resnets, each on its input concatenated with a skip.
+  out = ch.back();
+  for (int64_t i = 0; i < levels; ++i) {
+    out = ch[static_cast<size_t>(levels - 1 - i)];
+    for (int64_t j = 0; j <= m.layers_per_block; ++j) {
+      const int64_t x_channels = j == 0 ? (i == 0 ? ch.back() : ch[static_cast<size_t>(levels - i)]) : out;
+      c.resnet(x_channels + skips.back(), out, temb, ss, h, w);
+      skips.pop_back();
+      if (has_attention(m.up_block_types[static_cast<size_t>(i)])) c.attention_block(out, h, w);
+    }
+    if (i < levels - 1) {  // Upsample2D: nearest x2 (not counted), then a 3x3 conv
+      h *= 2, w *= 2;
+      c.conv(out, out, 3, h, w);
+    }
+  }
+
+  c.conv(ch[0], m.out_channels, 3, h, w);  // conv_out, after conv_norm_out and SiLU
+  return c.f;
+}
+
+ModelFlops model_flops(const ModelConfig& model) { return model_flops(model, model.sample_size, model.sample_size); }
+
+}  // namespace difftrain
