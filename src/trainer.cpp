@@ -79,14 +79,6 @@ void load_named(UNet2DModel& m, const std::map<std::string, at::Tensor>& tensors
   }
 }
 
-// Convolution kernels (the 4-d parameters) in `format`; the rest has no layout to choose.
-void to_memory_format(UNet2DModel& m, at::MemoryFormat format) {
-  if (format == at::MemoryFormat::Contiguous) return;
-  c10::NoGradGuard no_grad;
-  for (auto& p : m->parameters())
-    if (p.dim() == 4) p.set_data(p.contiguous(format));
-}
-
 // The device's default generator (a handle sharing its state).
 at::Generator default_generator(const c10::Device& device) { return at::globalContext().defaultGenerator(device); }
 
@@ -149,7 +141,7 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
   default_generator(c10::Device(c10::kCPU)).set_current_seed(static_cast<uint64_t>(cfg_.run.seed));
   model_ = UNet2DModel(cfg_.model);
   model_->to(opts_.device);
-  to_memory_format(model_, memory_format_);
+  model_->set_memory_format(memory_format_);
   model_->train();
   for (auto& [name, p] : named_parameters(model_)) params_.push_back(p);
   // Per-rank streams: dropout (the device's default generator) and t, ε, class dropout (ours).
@@ -168,7 +160,7 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
   if (cfg_.ema.enabled) {
     ema_model_ = UNet2DModel(cfg_.model);
     ema_model_->to(opts_.device);
-    to_memory_format(ema_model_, memory_format_);
+    ema_model_->set_memory_format(memory_format_);
     ema_model_->eval();
     std::vector<at::Tensor> shadow;
     {

@@ -237,6 +237,7 @@ torch::Tensor UNet2DModelImpl::forward(const torch::Tensor& sample, const torch:
   }
 
   auto x = conv_in(sample);  // (B, C0, H, W)
+  if (memory_format_ != at::MemoryFormat::Contiguous) x = x.contiguous(memory_format_);
   std::vector<torch::Tensor> skips{x};
   for (const auto& block : *down_blocks) x = block->as<DownBlock>()->forward(x, emb, skips);
   x = mid_block(x, emb);
@@ -247,6 +248,13 @@ torch::Tensor UNet2DModelImpl::forward(const torch::Tensor& sample, const torch:
 void UNet2DModelImpl::set_use_sdpa(bool on) {
   for (auto& m : modules(/*include_self=*/false))
     if (auto* a = dynamic_cast<AttentionImpl*>(m.get())) a->use_sdpa = on;
+}
+
+void UNet2DModelImpl::set_memory_format(at::MemoryFormat format) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : parameters())
+    if (p.dim() == 4) p.set_data(p.contiguous(format));  // the rest has no layout to choose
+  memory_format_ = format;
 }
 
 int64_t count_parameters(torch::nn::Module& m) {

@@ -24,6 +24,7 @@
 #include "difftrain/trainer.h"
 #include "difftrain/unet.h"
 #include "numerics.h"
+#include "unet_formats.h"
 
 namespace difftrain {
 namespace {
@@ -483,6 +484,32 @@ TEST_F(GpuRun, CudaGraphWithAccumulationChannelsLastAndTheLoop) {
   const auto j = nlohmann::json::parse(last);
   EXPECT_GT(j.value("train/host_ms_per_step", 0.0), 0.0) << last;
   EXPECT_GT(j.value("train/device_ms_per_step", 0.0), 0.0) << last;
+}
+
+// train.channels_last on CUDA: every stage of the UNet keeps NHWC, in float32 and under bf16
+// autocast (cuDNN convolutions, the CUDA GroupNorm and attention), forward and through backward.
+TEST(Gpu, ChannelsLastSurvivesEveryStageOfTheUNet) {
+  DIFFTRAIN_REQUIRE_CUDA();
+  for (const bool bf16 : {false, true}) {
+    SCOPED_TRACE(bf16 ? "bf16 autocast" : "float32");
+    torch::manual_seed(0);
+    UNet2DModel model(small_model());
+    model->to(kCuda);
+    model->set_memory_format(at::MemoryFormat::ChannelsLast);
+    const auto x = torch::randn({4, 1, 16, 16}, kCuda).contiguous(at::MemoryFormat::ChannelsLast);
+    const auto t = torch::randint(1000, {4}, torch::TensorOptions().dtype(torch::kLong).device(kCuda));
+    AutocastScope autocast(c10::kCUDA, bf16 ? std::optional<c10::ScalarType>(at::kBFloat16) : std::nullopt);
+    for (const auto& [stage, nhwc] : test::channels_last_trace(model, x, t)) {
+      ::testing::Test::RecordProperty(std::string("channels_last_") + (bf16 ? "bf16_" : "fp32_") + stage, nhwc ? "NHWC" : "NCHW");
+      EXPECT_TRUE(nhwc) << stage << " returned NCHW";
+    }
+    model->forward(x, t).sum().backward();
+    for (auto& p : model->parameters()) {
+      if (p.dim() == 4) {
+        EXPECT_TRUE(p.grad().is_contiguous(at::MemoryFormat::ChannelsLast));
+      }
+    }
+  }
 }
 
 TEST(Gpu, SamplingRepeatsExactlyForASeed) {

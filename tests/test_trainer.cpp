@@ -14,6 +14,7 @@
 #include "difftrain/errors.h"
 #include "difftrain/trainer.h"
 #include "numerics.h"
+#include "unet_formats.h"
 
 namespace difftrain {
 namespace {
@@ -160,6 +161,8 @@ TEST_F(TrainerSwitches, ChannelsLastComputesTheSameFunction) {
   };
   const auto cl = run(nhwc, x.contiguous(at::MemoryFormat::ChannelsLast)), plain = run(nchw, x), ref = run(exact, x.to(at::kDouble));
   EXPECT_TRUE(cl[0].is_contiguous(at::MemoryFormat::ChannelsLast)) << "the output left NHWC on the way";
+  for (const auto& [stage, nhwc_out] : test::channels_last_trace(nhwc, x.contiguous(at::MemoryFormat::ChannelsLast), t, labels))
+    EXPECT_TRUE(nhwc_out) << stage << " returned NCHW";
   for (size_t i = 0; i < cl.size(); ++i)
     EXPECT_TRUE(test::as_accurate_as(cl[i].contiguous(), plain[i].contiguous(), ref[i])) << (i == 0 ? "output" : "gradient ") << i;
   EXPECT_NO_THROW(trainer.train_step());

@@ -132,6 +132,11 @@ class UNet2DModelImpl : public torch::nn::Module {
   const ModelConfig& config() const { return cfg_; }
   // Switch every attention between SDPA and the explicit softmax form.
   void set_use_sdpa(bool on);
+  // train.channels_last: the convolution kernels in `format`, and conv_in's output made so too.
+  // With one input channel, conv_in's input and kernel are NCHW and NHWC at once, and the
+  // convolution then picks NCHW; every later convolution follows its (unambiguous) kernel.
+  void set_memory_format(at::MemoryFormat format);
+  at::MemoryFormat memory_format() const { return memory_format_; }
 
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   TimestepEmbedding time_embedding{nullptr};
@@ -142,6 +147,7 @@ class UNet2DModelImpl : public torch::nn::Module {
 
  private:
   ModelConfig cfg_;
+  at::MemoryFormat memory_format_ = at::MemoryFormat::Contiguous;
 };
 TORCH_MODULE(UNet2DModel);
 
