@@ -47,6 +47,9 @@ class ResnetBlock2DImpl : public torch::nn::Module {
   torch::nn::Linear time_emb_proj{nullptr};
   torch::nn::Dropout dropout{nullptr};
   TimeScaleShift time_embedding_norm;
+  // SiLU(norm1(x)), and SiLU(norm2(h + t)) under the default time_embedding_norm, as one op
+  // (group_norm_silu); under scale_shift the FiLM sits between norm2 and the SiLU.
+  bool fused_groupnorm_silu = false;
 };
 TORCH_MODULE(ResnetBlock2D);
 
@@ -132,6 +135,9 @@ class UNet2DModelImpl : public torch::nn::Module {
   const ModelConfig& config() const { return cfg_; }
   // Switch every attention between SDPA and the explicit softmax form.
   void set_use_sdpa(bool on);
+  // Every GroupNorm followed by a SiLU (the resnets' and conv_norm_out) as one op (group_norm_silu,
+  // train.fused_groupnorm_silu), or as the two modules. The same function and parameters either way.
+  void set_fused_groupnorm_silu(bool on);
 
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   TimestepEmbedding time_embedding{nullptr};
@@ -142,6 +148,7 @@ class UNet2DModelImpl : public torch::nn::Module {
 
  private:
   ModelConfig cfg_;
+  bool fused_groupnorm_silu_ = false;
 };
 TORCH_MODULE(UNet2DModel);
 
