@@ -2,12 +2,12 @@
 
 #include <cmath>
 
-#include "difftrain/groupnorm_silu.h"
-
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/nn/functional/activation.h>
 #include <torch/nn/functional/padding.h>
 #include <torch/nn/functional/upsampling.h>
+
+#include "difftrain/groupnorm_silu.h"
 
 namespace difftrain {
 
