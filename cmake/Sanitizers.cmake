@@ -6,6 +6,7 @@ if(DIFFTRAIN_SANITIZERS)
       message(FATAL_ERROR "DIFFTRAIN_SANITIZERS: unknown sanitizer '${_s}' (allowed: address, undefined, thread, leak)")
     endif()
   endforeach()
-  add_compile_options(-fsanitize=${DIFFTRAIN_SANITIZERS} -fno-omit-frame-pointer)
+  # C and C++ only: nvcc (src/cuda/*.cu) takes no -fsanitize.
+  add_compile_options($<$<COMPILE_LANGUAGE:C,CXX>:-fsanitize=${DIFFTRAIN_SANITIZERS}> $<$<COMPILE_LANGUAGE:C,CXX>:-fno-omit-frame-pointer>)
   add_link_options(-fsanitize=${DIFFTRAIN_SANITIZERS})
 endif()

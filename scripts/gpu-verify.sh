@@ -11,7 +11,8 @@
 #              glibc new enough; ldd finds every library; diffusers installed from the carried wheel
 #   rebuild    only when the torch builds differ: cmake + ninja there, as scripts/gpu-check.sh does
 #   env        difftrain env --device cuda
-#   tests      the `gpu` label (test_gpu), then the `unit` label, with DIFFTRAIN_TEST_* pointing here
+#   tests      the `gpu` label (test_gpu, test_groupnorm_silu_cuda), then the `unit` label, with
+#              DIFFTRAIN_TEST_* pointing here
 #   e2e        on CUDA with the carried data: bf16 training stopped by SIGTERM (exit 75) and resumed
 #              with --resume latest; fp16 training; difftrain sample; a 1-process NCCL world (torchrun)
 #   bench      optional, last, with the time the others left: scripts/bench/train.sh for

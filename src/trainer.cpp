@@ -140,6 +140,7 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
   // The same initial weights on every rank: the model is built from the global seed.
   default_generator(c10::Device(c10::kCPU)).set_current_seed(static_cast<uint64_t>(cfg_.run.seed));
   model_ = UNet2DModel(cfg_.model);
+  model_->set_fused_groupnorm_silu(tc.fused_groupnorm_silu);
   model_->to(opts_.device);
   model_->set_memory_format(memory_format_);
   model_->train();
@@ -159,6 +160,7 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
 
   if (cfg_.ema.enabled) {
     ema_model_ = UNet2DModel(cfg_.model);
+    ema_model_->set_fused_groupnorm_silu(tc.fused_groupnorm_silu);
     ema_model_->to(opts_.device);
     ema_model_->set_memory_format(memory_format_);
     ema_model_->eval();

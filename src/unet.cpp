@@ -7,6 +7,8 @@
 #include <torch/nn/functional/padding.h>
 #include <torch/nn/functional/upsampling.h>
 
+#include "difftrain/groupnorm_silu.h"
+
 namespace difftrain {
 
 namespace F = torch::nn::functional;
@@ -22,6 +24,12 @@ torch::nn::GroupNorm group_norm(int64_t groups, int64_t channels, double eps) {
   return torch::nn::GroupNorm(GroupNormOptions(groups, channels).eps(eps).affine(true));
 }
 bool has_attention(BlockType t) { return t == BlockType::AttnDownBlock2D || t == BlockType::AttnUpBlock2D; }
+// SiLU(norm(x)): the two modules, or one fused op on the module's parameters.
+torch::Tensor norm_silu(torch::nn::GroupNorm& norm, const torch::Tensor& x, bool fused) {
+  if (!fused) return F::silu(norm(x));
+  const auto& o = norm->options;
+  return group_norm_silu(x, o.num_groups(), norm->weight, norm->bias, o.eps());
+}
 }  // namespace
 
 torch::Tensor timestep_embedding(const torch::Tensor& timesteps, int64_t dim, bool flip_sin_to_cos, double freq_shift) {
@@ -66,15 +74,15 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, 
 }
 
 torch::Tensor ResnetBlock2DImpl::forward(const torch::Tensor& x, const torch::Tensor& temb) {
-  auto h = conv1(F::silu(norm1(x)));                                   // (B, Cout, H, W)
+  auto h = conv1(norm_silu(norm1, x, fused_groupnorm_silu));           // (B, Cout, H, W)
   auto t = time_emb_proj(F::silu(temb)).unsqueeze(-1).unsqueeze(-1);   // (B, Cout or 2 Cout, 1, 1)
   if (time_embedding_norm == TimeScaleShift::scale_shift) {
     auto scale_shift = t.chunk(2, /*dim=*/1);
-    h = norm2(h) * (1 + scale_shift[0]) + scale_shift[1];  // FiLM (Dhariwal & Nichol 2021, §3)
+    h = F::silu(norm2(h) * (1 + scale_shift[0]) + scale_shift[1]);  // FiLM (Dhariwal & Nichol 2021, §3)
   } else {
-    h = norm2(h + t);
+    h = norm_silu(norm2, h + t, fused_groupnorm_silu);
   }
-  h = conv2(dropout(F::silu(h)));
+  h = conv2(dropout(h));
   return (conv_shortcut ? conv_shortcut(x) : x) + h;
 }
 
@@ -242,7 +250,7 @@ torch::Tensor UNet2DModelImpl::forward(const torch::Tensor& sample, const torch:
   for (const auto& block : *down_blocks) x = block->as<DownBlock>()->forward(x, emb, skips);
   x = mid_block(x, emb);
   for (const auto& block : *up_blocks) x = block->as<UpBlock>()->forward(x, emb, skips);
-  return conv_out(F::silu(conv_norm_out(x)));  // (B, out_channels, H, W)
+  return conv_out(norm_silu(conv_norm_out, x, fused_groupnorm_silu_));  // (B, out_channels, H, W)
 }
 
 void UNet2DModelImpl::set_use_sdpa(bool on) {
@@ -255,6 +263,12 @@ void UNet2DModelImpl::set_memory_format(at::MemoryFormat format) {
   for (auto& p : parameters())
     if (p.dim() == 4) p.set_data(p.contiguous(format));  // the rest has no layout to choose
   memory_format_ = format;
+}
+
+void UNet2DModelImpl::set_fused_groupnorm_silu(bool on) {
+  fused_groupnorm_silu_ = on;
+  for (auto& m : modules(/*include_self=*/false))
+    if (auto* r = dynamic_cast<ResnetBlock2DImpl*>(m.get())) r->fused_groupnorm_silu = on;
 }
 
 int64_t count_parameters(torch::nn::Module& m) {

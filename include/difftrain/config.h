@@ -276,8 +276,9 @@ struct TrainConfig {
       "Keep the model and its inputs in channels-last (NHWC) memory, as cuDNN's tensor-core convolutions prefer. Off until "
       "the GPU benchmark decides.");
     v("fused_groupnorm_silu", fused_groupnorm_silu,
-      "GroupNorm followed by SiLU in the ResNet blocks as one op (a CUDA kernel reading bf16 and accumulating in fp32; on a "
-      "CPU the same arithmetic in ATen ops). Off until the GPU benchmark decides.");
+      "Each GroupNorm followed by SiLU (the ResNet blocks' norm1, norm2 except under scale_shift, and conv_norm_out) as one "
+      "op: CUDA kernels that read bf16 or fp32 and accumulate in fp32, NCHW or channels-last; on a CPU the same arithmetic "
+      "in ATen ops. The same function and parameters. Off until the GPU benchmark decides.");
     v("cudnn_benchmark", cudnn_benchmark,
       "CUDA only: let cuDNN time its convolution algorithms on the first step of each shape and keep the fastest "
       "(torch.backends.cudnn.benchmark). Off until the GPU benchmark decides.");

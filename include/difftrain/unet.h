@@ -47,6 +47,9 @@ class ResnetBlock2DImpl : public torch::nn::Module {
   torch::nn::Linear time_emb_proj{nullptr};
   torch::nn::Dropout dropout{nullptr};
   TimeScaleShift time_embedding_norm;
+  // SiLU(norm1(x)), and SiLU(norm2(h + t)) under the default time_embedding_norm, as one op
+  // (group_norm_silu); under scale_shift the FiLM sits between norm2 and the SiLU.
+  bool fused_groupnorm_silu = false;
 };
 TORCH_MODULE(ResnetBlock2D);
 
@@ -137,6 +140,9 @@ class UNet2DModelImpl : public torch::nn::Module {
   // convolution then picks NCHW; every later convolution follows its (unambiguous) kernel.
   void set_memory_format(at::MemoryFormat format);
   at::MemoryFormat memory_format() const { return memory_format_; }
+  // Every GroupNorm followed by a SiLU (the resnets' and conv_norm_out) as one op (group_norm_silu,
+  // train.fused_groupnorm_silu), or as the two modules. The same function and parameters either way.
+  void set_fused_groupnorm_silu(bool on);
 
   torch::nn::Conv2d conv_in{nullptr}, conv_out{nullptr};
   TimestepEmbedding time_embedding{nullptr};
@@ -148,6 +154,7 @@ class UNet2DModelImpl : public torch::nn::Module {
  private:
   ModelConfig cfg_;
   at::MemoryFormat memory_format_ = at::MemoryFormat::Contiguous;
+  bool fused_groupnorm_silu_ = false;
 };
 TORCH_MODULE(UNet2DModel);
 
