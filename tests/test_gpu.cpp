@@ -24,20 +24,13 @@
 #include "difftrain/trainer.h"
 #include "difftrain/unet.h"
 #include "numerics.h"
+#include "stand_in.h"
 #include "unet_formats.h"
 
 namespace difftrain {
 namespace {
 
 namespace fs = std::filesystem;
-
-#define DIFFTRAIN_REQUIRE_CUDA()                                                                                          \
-  do {                                                                                                                    \
-    const auto env_ = collect_env();                                                                                      \
-    if (env_.cuda.state != CudaState::ok)                                                                                 \
-      GTEST_SKIP() << "CUDA is not usable here (" << to_string(env_.cuda.state) << (env_.cuda.detail.empty() ? "" : ": ") \
-                   << env_.cuda.detail << ")";                                                                            \
-  } while (0)
 
 const c10::Device kCuda(c10::kCUDA, 0);
 
@@ -78,16 +71,7 @@ double max_rel(const at::Tensor& got, const at::Tensor& want) {
          std::max(1e-30, want.cpu().to(at::kDouble).abs().max().item<double>());
 }
 
-// n random 16x16 gray images with labels 0..9, as a decoded dataset.
-std::shared_ptr<Dataset> stand_in_data(int64_t n = 64, int64_t resolution = 16) {
-  formats::ImageArray a;
-  a.count = n, a.channels = 1, a.height = a.width = resolution;
-  a.pixels.resize(static_cast<size_t>(n * resolution * resolution));
-  uint32_t s = 12345;
-  for (auto& p : a.pixels) p = static_cast<uint8_t>((s = s * 1664525u + 1013904223u) >> 24);
-  for (int64_t i = 0; i < n; ++i) a.labels.push_back(i % 10);
-  return std::make_shared<ArrayDataset>(std::move(a), 10, "stand-in");
-}
+std::shared_ptr<Dataset> stand_in_data(int64_t n = 64, int64_t resolution = 16) { return test::stand_in_data(n, resolution); }
 
 class GpuRun : public ::testing::Test {
  protected:

@@ -13,17 +13,10 @@
 #include "difftrain/env.h"
 #include "difftrain/groupnorm_silu.h"
 #include "groupnorm_silu_scales.h"
+#include "stand_in.h"
 
 namespace difftrain {
 namespace {
-
-#define DIFFTRAIN_REQUIRE_CUDA()                                                                                          \
-  do {                                                                                                                    \
-    const auto env_ = collect_env();                                                                                      \
-    if (env_.cuda.state != CudaState::ok)                                                                                 \
-      GTEST_SKIP() << "CUDA is not usable here (" << to_string(env_.cuda.state) << (env_.cuda.detail.empty() ? "" : ": ") \
-                   << env_.cuda.detail << ")";                                                                            \
-  } while (0)
 
 struct Grads {
   at::Tensor y, dx, dw, db;

@@ -14,6 +14,7 @@
 #include "difftrain/errors.h"
 #include "difftrain/trainer.h"
 #include "numerics.h"
+#include "stand_in.h"
 #include "unet_formats.h"
 
 namespace difftrain {
@@ -21,16 +22,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// n random 8x8 gray images with labels 0..9, as a decoded dataset.
-std::shared_ptr<Dataset> stand_in_data(int64_t n = 32, int64_t resolution = 8) {
-  formats::ImageArray a;
-  a.count = n, a.channels = 1, a.height = a.width = resolution;
-  a.pixels.resize(static_cast<size_t>(n * resolution * resolution));
-  uint32_t s = 12345;
-  for (auto& p : a.pixels) p = static_cast<uint8_t>((s = s * 1664525u + 1013904223u) >> 24);
-  for (int64_t i = 0; i < n; ++i) a.labels.push_back(i % 10);
-  return std::make_shared<ArrayDataset>(std::move(a), 10, "stand-in");
-}
+std::shared_ptr<Dataset> stand_in_data() { return test::stand_in_data(32, 8); }
 
 class TrainerSwitches : public ::testing::Test {
  protected:
