@@ -48,9 +48,7 @@ at::Tensor diffusion_loss(const at::Tensor& model_output, const at::Tensor& targ
   return mse * weights;
 }
 
-namespace {
-constexpr uint64_t kGlobalBatchStream = uint64_t{1} << 32;  // beyond any rank number
-}  // namespace
+uint64_t global_batch_seed(uint64_t seed) { return derive_seed(seed, uint64_t{1} << 32); }  // a stream beyond any rank
 
 uint64_t derive_seed(uint64_t seed, uint64_t stream) {
   uint64_t z = seed + 0x9E3779B97F4A7C15ull * (stream + 1);  // splitmix64 (Steele et al. 2014)
@@ -151,7 +149,7 @@ Trainer::Trainer(const Config& cfg, std::shared_ptr<Dataset> dataset, TrainerOpt
   if (!opts_.device.is_cpu()) default_generator(c10::Device(c10::kCPU)).set_current_seed(rank_seed);
   // t, ε and class dropout are drawn for the whole global batch from one stream shared by every
   // rank, each rank taking its own rows: the result does not depend on how the batch is split.
-  generator_.set_current_seed(derive_seed(static_cast<uint64_t>(cfg_.run.seed), kGlobalBatchStream));
+  generator_.set_current_seed(global_batch_seed(static_cast<uint64_t>(cfg_.run.seed)));
 
   if (!opts_.init_weights.empty()) {
     load_named(model_, opts_.init_weights, opts_.init_source);
@@ -371,7 +369,7 @@ void Trainer::resume_from(const fs::path& path) {
     // CUDA's Philox seed and offset, 16 bytes), so the t/ε stream and the dropout stream restart
     // from seeds derived from run.seed, the rank and the step: deterministic, not bit-exact.
     const auto seed = static_cast<uint64_t>(cfg_.run.seed), step = static_cast<uint64_t>(ckpt.step);
-    generator_.set_current_seed(derive_seed(derive_seed(seed, kGlobalBatchStream), step));
+    generator_.set_current_seed(derive_seed(global_batch_seed(seed), step));
     default_generator(opts_.device).set_current_seed(derive_seed(derive_seed(seed, static_cast<uint64_t>(rank_)), step));
     if (!opts_.device.is_cpu()) restore(cpu, "cpu");  // a CPU state carries over; on a CPU run it is the dropout stream, reseeded
     if (rank_ == 0)

@@ -38,6 +38,9 @@ at::Tensor diffusion_loss(const at::Tensor& model_output, const at::Tensor& targ
 
 // Per-rank seed from the global seed (splitmix64), so rank r's stream never overlaps rank 0's.
 uint64_t derive_seed(uint64_t seed, uint64_t stream);
+// The seed of the trainer's own generator, which draws t, ε and the class dropout for the global
+// batch (every rank the same stream, each taking its rows), on the run's device.
+uint64_t global_batch_seed(uint64_t seed);
 
 struct TrainerOptions {
   std::filesystem::path run_dir;
