@@ -528,7 +528,9 @@ void Trainer::capture_graphs() {
   // Warm-up steps ran eagerly on the graphs' stream (cuDNN and cuBLAS handles, workspaces, the
   // allocator's blocks); .grad exists, so backward accumulates into it in place when replayed.
   // Capture records without running: the next step is the first replay.
-  cuda_->micro = std::make_unique<cuda::Graph>(std::vector<at::Generator>{generator_});
+  // The device's default generator (dropout) is registered by capture_begin in torch 2.11, and
+  // named here too, so that a LibTorch that stops doing so keeps dropout's draws advancing.
+  cuda_->micro = std::make_unique<cuda::Graph>(std::vector<at::Generator>{generator_, default_generator(opts_.device)});
   cuda_->micro->capture([&] { micro_step(x0_static_, labels_static_); });
   cuda_->optimizer = std::make_unique<cuda::Graph>(std::vector<at::Generator>{}, cuda_->micro.get());
   cuda_->optimizer->capture([&] { optimizer_step(0.0, /*keep_grads=*/false); });
