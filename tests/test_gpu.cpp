@@ -25,6 +25,7 @@
 #include "difftrain/unet.h"
 #include "numerics.h"
 #include "stand_in.h"
+#include "test_paths.h"
 #include "unet_formats.h"
 
 namespace difftrain {
@@ -338,7 +339,7 @@ TEST_F(GpuRun, NcclWorldOfOneThroughTheLogInterval) {
   GTEST_SKIP() << "built without the NCCL backend";
 #else
   World world;
-  world.master_port = 20000 + static_cast<int>(::getpid() % 20000);
+  world.master_port = test::rendezvous_port(0);
   ProcessGroup group(world, DistBackend::nccl, kCuda, std::chrono::seconds(60));
   EXPECT_EQ(group.backend_name(), "nccl");
   auto timed = [&](ProcessGroup* pg, const std::string& name) {

@@ -3,6 +3,8 @@
 // a GPU machine at another path). README "Tests" lists the variables.
 #pragma once
 
+#include <unistd.h>
+
 #include <cstdlib>
 #include <string>
 
@@ -25,5 +27,12 @@ inline std::string python() { return path_from_env("DIFFTRAIN_TEST_PYTHON", DIFF
 inline std::string reference_output_dir() { return path_from_env("DIFFTRAIN_TEST_REFERENCE_DIR", DIFFTRAIN_REFERENCE_DIR); }
 // Fashion-MNIST in IDX files (Debian's dataset-fashion-mnist), the data of every training test.
 inline std::string fashion_mnist_dir() { return path_from_env("DIFFTRAIN_TEST_DATA", "/usr/share/datasets/fashion-mnist"); }
+
+// A rendezvous port for this test process (offset 0-7 for its several jobs): per process, so that
+// parallel ctest runs do not collide, and below Linux's ephemeral range (32768-60999 by default,
+// /proc/sys/net/ipv4/ip_local_port_range), where the kernel picks the ports of outgoing
+// connections; a port there can be taken by any client meanwhile (a CI run failed with
+// EADDRINUSE on 34934).
+inline int rendezvous_port(int offset) { return 10000 + static_cast<int>(::getpid() % 2700) * 8 + offset; }
 
 }  // namespace difftrain::test

@@ -132,7 +132,7 @@ TEST_P(TrainStep, TenStepsMatchPyTorchAndDiffusers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(PlainAndCapturable, TrainStep, ::testing::Bool(),
-                         [](const auto& info) { return info.param ? "capturable" : "plain"; });
+                         [](const ::testing::TestParamInfo<bool>& p) { return p.param ? "capturable" : "plain"; });
 
 }  // namespace
 }  // namespace difftrain

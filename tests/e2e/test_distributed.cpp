@@ -10,8 +10,7 @@ using namespace test;
 
 class Distributed : public TrainRun {
  protected:
-  // A port per test and process, so that parallel ctest runs do not collide.
-  int port(int offset) const { return 20000 + static_cast<int>(::getpid() % 5000) * 8 + offset; }
+  int port(int offset) const { return test::rendezvous_port(offset); }
   std::vector<std::string> launch(int nproc, int master_port, std::vector<std::string> command) const {
     std::vector<std::string> a = {test::source_dir() + "/scripts/launch.sh",
                                   "--nproc-per-node",
