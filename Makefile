@@ -38,7 +38,7 @@ test: build
 # vendor-neutral path, which AMD CPUs take (MKL_CBWR=COMPATIBLE). Each pass makes its own reference
 # in the same environment (the make_reference fixture).
 CPU_PATHS ?= ATEN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE
-NUMERICS_TESTS ?= ^(SchedulerVsDiffusers|Scheduler|SamplersVsDiffusers|Samplers|UNetVsDiffusers|UNet|GroupNormSiLU|AdamW|LrSchedule|EMA|ClipGradNorm|GradScaler|Accumulation|Sampling|Export)\.
+NUMERICS_TESTS ?= ^(SchedulerVsDiffusers|Scheduler|SamplersVsDiffusers|Samplers|UNetVsDiffusers|UNet|GroupNormSiLU|AdamW|LrSchedule|EMA|ClipGradNorm|GradScaler|Accumulation|Sampling|Export|TrainerSwitches|PlainAndCapturable/TrainStep)\.
 test-cpu-paths: build
 	@for e in $(CPU_PATHS); do \
 	  echo "== numerics tests with $$e"; \

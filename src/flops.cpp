@@ -13,6 +13,7 @@ bool has_attention(BlockType t) { return t == BlockType::AttnDownBlock2D || t ==
 // UNet2DModel), for one image.
 struct Counter {
   ModelFlops f;
+  std::vector<AttentionLayer> attention_layers;
 
   // flop_counter.py conv_flop_count: 2·prod(out spatial)·prod(kernel)·C_out·C_in. Its
   // conv_backward_flop counts grad-input as the transposed convolution over the same output
@@ -46,14 +47,13 @@ struct Counter {
   }
   // Attention: to_q, to_k, to_v, to_out[0] over the H·W positions, and SDPA between them.
   void attention_block(int64_t channels, int64_t h, int64_t w) {
+    attention_layers.push_back({channels, h, w});
     for (int i = 0; i < 4; ++i) linear(channels, channels, h * w);
     attention(channels, h * w);
   }
 };
 
-}  // namespace
-
-ModelFlops model_flops(const ModelConfig& m, int64_t height, int64_t width) {
+Counter walk(const ModelConfig& m, int64_t height, int64_t width) {
   Counter c;
   const auto& ch = m.block_out_channels;
   const auto levels = static_cast<int64_t>(ch.size());
@@ -106,9 +106,17 @@ ModelFlops model_flops(const ModelConfig& m, int64_t height, int64_t width) {
   }
 
   c.conv(ch[0], m.out_channels, 3, h, w);  // conv_out, after conv_norm_out and SiLU
-  return c.f;
+  return c;
 }
 
+}  // namespace
+
+ModelFlops model_flops(const ModelConfig& m, int64_t height, int64_t width) { return walk(m, height, width).f; }
+
 ModelFlops model_flops(const ModelConfig& model) { return model_flops(model, model.sample_size, model.sample_size); }
+
+std::vector<AttentionLayer> attention_layers(const ModelConfig& model, int64_t height, int64_t width) {
+  return walk(model, height, width).attention_layers;
+}
 
 }  // namespace difftrain

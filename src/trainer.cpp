@@ -26,6 +26,7 @@
 #include "difftrain/checkpoint.h"
 #include "difftrain/distributed.h"
 #include "difftrain/errors.h"
+#include "difftrain/flops.h"
 #include "difftrain/log.h"
 #include "difftrain/metrics.h"
 #include "difftrain/profiler.h"
@@ -281,19 +282,12 @@ void Trainer::configure_backends() {
   // in the training dtype (at::_fused_sdp_choice, as SDPA itself asks), said once.
   static constexpr const char* kBackends[] = {"math", "flash_attention", "efficient_attention", "cudnn_attention",
                                               "overrideable"};
-  const auto& m = cfg_.model;
-  const auto levels = static_cast<int>(m.block_out_channels.size());
-  std::vector<std::pair<int, int>> layers;  // (channels, resolution) of each attention
-  for (int i = 0; i < levels; ++i) {
-    if (m.down_block_types[i] == BlockType::AttnDownBlock2D) layers.emplace_back(m.block_out_channels[i], m.sample_size >> i);
-    if (m.up_block_types[i] == BlockType::AttnUpBlock2D)
-      layers.emplace_back(m.block_out_channels[levels - 1 - i], m.sample_size >> (levels - 1 - i));
-  }
-  if (m.add_attention) layers.emplace_back(m.block_out_channels.back(), m.sample_size >> (levels - 1));
   std::vector<std::string> seen;
   const auto dtype = autocast_.value_or(at::kFloat);
-  for (const auto& [channels, res] : layers) {
-    const int64_t heads = m.attention_head_dim ? channels / *m.attention_head_dim : 1, tokens = int64_t{res} * res;
+  const auto& m = cfg_.model;
+  for (const auto& layer : attention_layers(m, m.sample_size, m.sample_size)) {
+    const int64_t channels = layer.channels, heads = m.attention_head_dim ? channels / *m.attention_head_dim : 1,
+                  tokens = layer.height * layer.width;
     const auto q =
         at::empty({tc.batch_size, heads, tokens, channels / heads}, at::TensorOptions().dtype(dtype).device(opts_.device));
     const auto choice = at::_fused_sdp_choice(q, q, q);
@@ -417,13 +411,8 @@ void Trainer::train_step() {
   if (capturable_) lr_t_.fill_(lr);  // outside any graph: the graph reads the tensor
 #ifdef DIFFTRAIN_WITH_CUDA
   if (replay) {
-    if (capture_grads_) {  // a graph cannot branch on the host: the histogram shows the gradients before clipping
-      histogram_grads_.clear();
-      for (const auto& [name, p] : histogram_params_) {
-        auto g = p.grad().detach().clone();
-        histogram_grads_.emplace_back(name, scaler_ ? g.div_(scaler_->scale_tensor()) : g);  // unscaled, as eager shows them
-      }
-    }
+    // A graph cannot branch on the host: the histogram shows the gradients before clipping.
+    if (capture_grads_) keep_histogram_grads(/*unscale=*/true);
     cuda_->optimizer->replay();
   }
 #endif
@@ -499,10 +488,7 @@ void Trainer::optimizer_step(double lr, bool keep_grads) {
   if (capturable_) optimizer_->step(lr_t_, nonfinite);
   else optimizer_->step(lr, nonfinite);
   if (scaler_) scaler_->update(found_inf);
-  if (keep_grads) {
-    histogram_grads_.clear();
-    for (const auto& [name, p] : histogram_params_) histogram_grads_.emplace_back(name, p.grad().detach().clone());
-  }
+  if (keep_grads) keep_histogram_grads(/*unscale=*/false);  // unscale_ above already did
   optimizer_->zero_grad();
   if (ema_) ema_->step(params_);
   c10::NoGradGuard no_grad;
@@ -510,6 +496,14 @@ void Trainer::optimizer_step(double lr, bool keep_grads) {
   max_streak_.copy_(at::maximum(max_streak_, nonfinite_streak_));
   skipped_.add_(nonfinite);
   grad_norm_sum_.add_(at::where(at::isfinite(grad_norm), grad_norm, 0.0));
+}
+
+void Trainer::keep_histogram_grads(bool unscale) {
+  histogram_grads_.clear();
+  for (const auto& [name, p] : histogram_params_) {
+    auto g = p.grad().detach().clone();
+    histogram_grads_.emplace_back(name, unscale && scaler_ ? g.div_(scaler_->scale_tensor()) : g);
+  }
 }
 
 void Trainer::stage_batch(const Batch& batch) {

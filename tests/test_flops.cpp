@@ -228,5 +228,18 @@ TEST(PeakTflops, ChoosePeak) {
   EXPECT_FALSE(choose_peak(0.0, "Some Future GPU", P::bf16));
 }
 
+// The attention layers of the default model, from the same walk: the third level's AttnDownBlock2D
+// (one layer), the mid block, and the first AttnUpBlock2D (layers_per_block + 1 = 2), all with 64
+// channels on the 7x7 grid of a 28x28 input.
+TEST(Flops, AttentionLayersOfTheDefaultModel) {
+  const auto layers = attention_layers(Config{}.model, 28, 28);
+  ASSERT_EQ(layers.size(), 4u);
+  for (const auto& l : layers) {
+    EXPECT_EQ(l.channels, 64);
+    EXPECT_EQ(l.height, 7);
+    EXPECT_EQ(l.width, 7);
+  }
+}
+
 }  // namespace
 }  // namespace difftrain

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "difftrain/config.h"
 
@@ -33,5 +34,12 @@ struct ModelFlops {
 ModelFlops model_flops(const ModelConfig& model, int64_t height, int64_t width);
 // At model.sample_size x model.sample_size, the training resolution.
 ModelFlops model_flops(const ModelConfig& model);
+
+// The UNet's self-attention layers in forward order, from the same walk: the channels each
+// attends with and the grid of positions (H x W) it attends over.
+struct AttentionLayer {
+  int64_t channels = 0, height = 0, width = 0;
+};
+std::vector<AttentionLayer> attention_layers(const ModelConfig& model, int64_t height, int64_t width);
 
 }  // namespace difftrain

@@ -87,6 +87,7 @@ class Trainer {
   void micro_step(const at::Tensor& x0, const at::Tensor& class_labels);
   void optimizer_step(double lr, bool keep_grads);
   void stage_batch(const Batch& batch);  // into the static input buffers
+  void keep_histogram_grads(bool unscale);  // the histogram layers' gradients, for write_histograms()
   void capture_graphs();
   void configure_backends();  // cuDNN/TF32 switches, the SDPA backend in the log
   void broadcast_weights();  // rank 0's model and EMA to every rank
