@@ -52,7 +52,7 @@ set_target_properties(difftrain PROPERTIES INSTALL_RPATH "${DIFFTRAIN_INSTALL_RP
 message(STATUS "difftrain: installed binary's RPATH: ${DIFFTRAIN_INSTALL_RPATH}")
 
 install(TARGETS difftrain RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
-install(TARGETS difftrain_core difftrain_log difftrain_formats difftrain_metrics difftrain_torch
+install(TARGETS difftrain_core difftrain_log difftrain_formats difftrain_metrics difftrain_util difftrain_torch
         EXPORT difftrainTargets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
         LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
@@ -61,6 +61,7 @@ set_target_properties(difftrain_core PROPERTIES EXPORT_NAME core)
 set_target_properties(difftrain_log PROPERTIES EXPORT_NAME log)
 set_target_properties(difftrain_formats PROPERTIES EXPORT_NAME formats)
 set_target_properties(difftrain_metrics PROPERTIES EXPORT_NAME metrics)
+set_target_properties(difftrain_util PROPERTIES EXPORT_NAME util)
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/difftrain DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
         FILES_MATCHING PATTERN "*.h")
 install(FILES ${PROJECT_BINARY_DIR}/generated/difftrain/version.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/difftrain)

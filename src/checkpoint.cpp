@@ -11,7 +11,11 @@
 #include <fstream>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
 
+#include "difftrain/io.h"
+#include "difftrain/log.h"
 #include "difftrain/sha256.h"
 
 namespace difftrain {
@@ -23,25 +27,11 @@ namespace {
 constexpr const char* kTmpPrefix = ".tmp-";
 constexpr const char* kOldPrefix = ".old-";
 
-void fsync_path(const fs::path& p, bool directory) {
-  const int fd = ::open(p.c_str(), directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
-  if (fd < 0) throw CheckpointError(fmt::format("cannot open {}: {}", p.string(), std::strerror(errno)));
-  const int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) throw CheckpointError(fmt::format("cannot fsync {}: {}", p.string(), std::strerror(errno)));
-}
-
 void write_text(const fs::path& p, const std::string& text) {
   std::ofstream out(p, std::ios::binary | std::ios::trunc);
   out << text;
   out.flush();
   if (!out) throw CheckpointError(fmt::format("cannot write {}: {}", p.string(), std::strerror(errno)));
-}
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) throw CheckpointError(fmt::format("cannot read {}: {}", p.string(), std::strerror(errno)));
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
 std::optional<int64_t> parse_step_name(const std::string& name) {
@@ -117,7 +107,7 @@ fs::path save_checkpoint(const fs::path& dir, const Checkpoint& ckpt) {
           safetensors_bytes(tensors, meta == ckpt.metadata.end() ? std::map<std::string, std::string>{} : meta->second));
       maybe_inject_fault(ckpt.step);
     }
-    nlohmann::ordered_json state = ckpt.state;
+    auto state = nlohmann::ordered_json::parse(ckpt.state);
     state["format_version"] = kCheckpointFormatVersion;
     state["step"] = ckpt.step;
     add("state.json", state.dump(2) + "\n");
@@ -136,6 +126,12 @@ fs::path save_checkpoint(const fs::path& dir, const Checkpoint& ckpt) {
     fsync_path(dir, true);
     if (!old.empty()) remove_all_quietly(old);
   } catch (const fs::filesystem_error& e) {
+    remove_all_quietly(tmp);
+    throw CheckpointError(fmt::format("cannot save checkpoint {}: {}", final_path.string(), e.what()));
+  } catch (const CheckpointError&) {
+    remove_all_quietly(tmp);
+    throw;
+  } catch (const RuntimeError& e) {  // io.h: a write, fsync or rename that failed (a full disk)
     remove_all_quietly(tmp);
     throw CheckpointError(fmt::format("cannot save checkpoint {}: {}", final_path.string(), e.what()));
   } catch (...) {
@@ -177,8 +173,8 @@ Checkpoint load_checkpoint(const fs::path& path) {
   Checkpoint ckpt;
   try {
     const auto manifest = nlohmann::json::parse(read_text(path / "manifest.json"));
-    ckpt.state = nlohmann::ordered_json::parse(read_text(path / "state.json"));
-    ckpt.step = ckpt.state.at("step").get<int64_t>();
+    ckpt.state = read_text(path / "state.json");
+    ckpt.step = nlohmann::json::parse(ckpt.state).at("step").get<int64_t>();
     ckpt.config = read_text(path / "config.json");
     for (const auto& [file, info] : manifest.at("files").items()) {
       const std::string suffix = ".safetensors";
@@ -190,6 +186,10 @@ Checkpoint load_checkpoint(const fs::path& path) {
       }
     }
   } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(fmt::format("checkpoint {}: {}", path.string(), e.what()));
+  } catch (const CheckpointError&) {
+    throw;
+  } catch (const RuntimeError& e) {
     throw CheckpointError(fmt::format("checkpoint {}: {}", path.string(), e.what()));
   }
   return ckpt;
@@ -213,6 +213,16 @@ std::optional<fs::path> find_latest_checkpoint(const fs::path& dir, std::vector<
     if (skipped) skipped->push_back(fmt::format("{}: {}", path.string(), problem));
   }
   return std::nullopt;
+}
+
+std::optional<fs::path> latest_checkpoint(const fs::path& dir) {
+  std::vector<std::string> skipped;
+  auto found = find_latest_checkpoint(dir, &skipped);
+  for (const auto& s : skipped) log_warn("skipping checkpoint {}", s);
+  if (!found && !skipped.empty())
+    throw CheckpointError(fmt::format("no usable checkpoint in {}: all {} are damaged or incomplete ({})", dir.string(),
+                                      skipped.size(), fmt::join(skipped, "; ")));
+  return found;
 }
 
 std::vector<fs::path> rotate_checkpoints(const fs::path& dir, int keep_last, int64_t keep_every) {

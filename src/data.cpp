@@ -2,7 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <exception>
 #include <filesystem>
+#include <map>
+#include <mutex>
+#include <thread>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/_upsample_bilinear2d_aa.h>
@@ -17,7 +22,9 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "difftrain/config.h"
 #include "difftrain/log.h"
+#include "difftrain/rng.h"
 
 namespace difftrain {
 
@@ -26,15 +33,9 @@ using formats::FormatError;
 
 namespace {
 
-// splitmix64 (Steele et al. 2014): the per-sample random stream is a hash of (seed, epoch, index).
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
+// The per-sample random stream is a splitmix64 hash (rng.h) of (seed, epoch, index).
 uint64_t sample_key(uint64_t seed, int64_t epoch, int64_t index) {
-  return mix(mix(mix(seed) ^ static_cast<uint64_t>(epoch)) ^ static_cast<uint64_t>(index));
+  return splitmix64(splitmix64(splitmix64(seed) ^ static_cast<uint64_t>(epoch)) ^ static_cast<uint64_t>(index));
 }
 
 at::Tensor pixels_tensor(const uint8_t* data, int64_t c, int64_t h, int64_t w) {
@@ -45,12 +46,6 @@ fs::path first_existing(const fs::path& dir, const std::vector<std::string>& nam
   for (const auto& n : names)
     if (fs::exists(dir / n)) return dir / n;
   return {};
-}
-
-bool is_image_file(const fs::path& p) {
-  std::string ext = p.extension().string();
-  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  return ext == ".png" || ext == ".jpg" || ext == ".jpeg";
 }
 
 std::shared_ptr<Dataset> open_idx(const DataConfig& cfg) {
@@ -119,13 +114,13 @@ ImageFolderDataset::ImageFolderDataset(const std::string& root, BadImagePolicy p
   std::vector<fs::path> subdirs, flat;
   for (const auto& e : fs::directory_iterator(root, ec)) {
     if (e.is_directory()) subdirs.push_back(e.path());
-    else if (e.is_regular_file() && is_image_file(e.path())) flat.push_back(e.path());
+    else if (e.is_regular_file() && formats::is_image_file(e.path())) flat.push_back(e.path());
   }
   std::sort(subdirs.begin(), subdirs.end());
   for (const auto& d : subdirs) {
     std::vector<fs::path> files;
     for (const auto& e : fs::recursive_directory_iterator(d, ec))
-      if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path());
+      if (e.is_regular_file() && formats::is_image_file(e.path())) files.push_back(e.path());
     if (files.empty()) continue;
     std::sort(files.begin(), files.end());
     for (const auto& f : files) {
@@ -244,13 +239,18 @@ AugmentOptions AugmentOptions::from(const DataConfig& d) {
   return {d.resolution, d.channels, d.resize, d.crop, d.random_flip, d.allow_upscale};
 }
 
+at::Tensor drop_alpha(const at::Tensor& image) {
+  const int64_t c = image.size(0);
+  return c == 2 || c == 4 ? image.slice(0, 0, c - 1) : image;
+}
+
 at::Tensor augment(const at::Tensor& image, const AugmentOptions& o, uint64_t key) {
   TORCH_CHECK(image.dim() == 3 && image.scalar_type() == at::kByte && image.numel() > 0,
               "augment: expected a non-empty (C, H, W) uint8 image, got ", image.sizes());
   TORCH_CHECK(o.resolution >= 1, "augment: resolution must be >= 1");
   at::Tensor x = image;
   // 1. channels: drop alpha, then gray <-> RGB (ITU-R 601-2 luma, as PIL's convert("L")).
-  if (x.size(0) == 2 || x.size(0) == 4) x = x.slice(0, 0, x.size(0) - 1);
+  x = drop_alpha(x);
   if (x.size(0) == 1 && o.channels == 3) x = x.expand({3, x.size(1), x.size(2)});
   if (x.size(0) == 3 && o.channels == 1) {
     const auto f = x.to(at::kFloat);
@@ -278,12 +278,12 @@ at::Tensor augment(const at::Tensor& image, const AugmentOptions& o, uint64_t ke
   int64_t top = static_cast<int64_t>(std::nearbyint(static_cast<double>(H - R) / 2.0));
   int64_t left = static_cast<int64_t>(std::nearbyint(static_cast<double>(W - R) / 2.0));
   if (o.crop == CropMode::random) {
-    top = static_cast<int64_t>(mix(key ^ 2) % static_cast<uint64_t>(H - R + 1));
-    left = static_cast<int64_t>(mix(key ^ 3) % static_cast<uint64_t>(W - R + 1));
+    top = static_cast<int64_t>(splitmix64(key ^ 2) % static_cast<uint64_t>(H - R + 1));
+    left = static_cast<int64_t>(splitmix64(key ^ 3) % static_cast<uint64_t>(W - R + 1));
   }
   x = x.slice(1, top, top + R).slice(2, left, left + R);
   // 4. horizontal flip with probability 1/2.
-  if (o.random_flip && (mix(key ^ 1) & 1)) x = x.flip({2});
+  if (o.random_flip && (splitmix64(key ^ 1) & 1)) x = x.flip({2});
   return x.contiguous();  // (channels, R, R)
 }
 
@@ -304,7 +304,48 @@ std::vector<int64_t> epoch_indices(int64_t n, uint64_t seed, int64_t epoch, int6
   return out;
 }
 
+// The loader's worker threads and queues, behind Loader's narrow interface.
+struct Loader::Impl {
+  struct Ready {
+    Batch batch;
+    std::exception_ptr error;  // a worker's exception, rethrown by next()
+  };
+  Impl(std::shared_ptr<Dataset> dataset, LoaderOptions opts, LoaderState start);
+  ~Impl();
+  Batch next();
+  std::vector<int64_t> batch_indices(int64_t epoch, int64_t batch) const;  // dataset indices of one batch
+  Batch build(int64_t epoch, int64_t batch) const;                         // decode, augment, stack (pinned on CUDA)
+  void worker();
+  void stop();
+
+  std::shared_ptr<Dataset> dataset_;
+  LoaderOptions opts_;
+  LoaderState state_;  // the position of the batch next() returns next
+  int64_t batches_per_epoch_ = 0;
+  at::Tensor preloaded_, preloaded_labels_;  // preload mode: (N, C, R, R) uint8 and (N) on the device
+  at::Tensor epoch_order_, epoch_flip_;      // preload mode: this epoch's rank indices and flips, on the device
+  int64_t epoch_on_device_ = -1;
+  std::exception_ptr failed_;  // once next() has thrown, it throws the same again
+
+  // Workers take consecutive global batch numbers (epoch * batches_per_epoch + batch).
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<int64_t, Ready> ready_;
+  int64_t next_to_build_ = 0, next_to_return_ = 0;
+  bool stopping_ = false;
+  mutable std::mutex epoch_mu_;
+  mutable std::map<int64_t, std::vector<int64_t>> epoch_cache_;  // indices of recent epochs
+};
+
 Loader::Loader(std::shared_ptr<Dataset> dataset, LoaderOptions opts, LoaderState start)
+    : impl_(std::make_unique<Impl>(std::move(dataset), std::move(opts), start)) {}
+Loader::~Loader() = default;
+Batch Loader::next() { return impl_->next(); }
+LoaderState Loader::state() const { return impl_->state_; }
+int64_t Loader::batches_per_epoch() const { return impl_->batches_per_epoch_; }
+
+Loader::Impl::Impl(std::shared_ptr<Dataset> dataset, LoaderOptions opts, LoaderState start)
     : dataset_(std::move(dataset)), opts_(std::move(opts)), state_(start) {
   TORCH_CHECK(opts_.world_size >= 1 && opts_.rank >= 0 && opts_.rank < opts_.world_size, "Loader: bad rank/world size");
   TORCH_CHECK(opts_.batch_size >= 1 && opts_.prefetch >= 1 && opts_.num_workers >= 0, "Loader: batch_size and prefetch must be >= 1");
@@ -334,9 +375,9 @@ Loader::Loader(std::shared_ptr<Dataset> dataset, LoaderOptions opts, LoaderState
   for (int64_t i = 0; i < opts_.num_workers; ++i) threads_.emplace_back([this] { worker(); });
 }
 
-Loader::~Loader() { stop(); }
+Loader::Impl::~Impl() { stop(); }
 
-void Loader::stop() {
+void Loader::Impl::stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
@@ -346,7 +387,7 @@ void Loader::stop() {
     if (t.joinable()) t.join();
 }
 
-std::vector<int64_t> Loader::batch_indices(int64_t epoch, int64_t batch) const {
+std::vector<int64_t> Loader::Impl::batch_indices(int64_t epoch, int64_t batch) const {
   std::lock_guard<std::mutex> lock(epoch_mu_);
   auto it = epoch_cache_.find(epoch);
   if (it == epoch_cache_.end()) {
@@ -356,7 +397,7 @@ std::vector<int64_t> Loader::batch_indices(int64_t epoch, int64_t batch) const {
   return {it->second.begin() + batch * opts_.batch_size, it->second.begin() + (batch + 1) * opts_.batch_size};
 }
 
-Batch Loader::build(int64_t epoch, int64_t batch) const {
+Batch Loader::Impl::build(int64_t epoch, int64_t batch) const {
   const std::vector<int64_t> indices = batch_indices(epoch, batch);
   const int64_t B = opts_.batch_size, C = opts_.augment.channels, R = opts_.augment.resolution;
   auto options = at::TensorOptions().dtype(at::kByte);
@@ -378,7 +419,7 @@ Batch Loader::build(int64_t epoch, int64_t batch) const {
   return {images, label_tensor};
 }
 
-void Loader::worker() {
+void Loader::Impl::worker() {
   while (true) {
     int64_t g;
     {
@@ -402,7 +443,7 @@ void Loader::worker() {
   }
 }
 
-Batch Loader::next() {
+Batch Loader::Impl::next() {
   if (failed_) std::rethrow_exception(failed_);  // a loader that failed stays failed
   const int64_t g = state_.epoch * batches_per_epoch_ + state_.batch;
   Batch host;
@@ -412,7 +453,7 @@ Batch Loader::next() {
         const auto order = epoch_indices(dataset_->size(), opts_.seed, state_.epoch, opts_.rank, opts_.world_size);
         std::vector<uint8_t> flip(order.size(), 0);
         if (opts_.augment.random_flip)
-          for (size_t b = 0; b < order.size(); ++b) flip[b] = mix(sample_key(opts_.seed, state_.epoch, order[b]) ^ 1) & 1;
+          for (size_t b = 0; b < order.size(); ++b) flip[b] = splitmix64(sample_key(opts_.seed, state_.epoch, order[b]) ^ 1) & 1;
         epoch_order_ = at::tensor(order, at::TensorOptions().dtype(at::kLong)).to(opts_.device);
         epoch_flip_ = at::tensor(flip, at::TensorOptions().dtype(at::kByte)).to(opts_.device).to(at::kBool);
         epoch_on_device_ = state_.epoch;

@@ -1,17 +1,16 @@
 #include "difftrain/export.h"
 
 #include <algorithm>
-#include <fstream>
-#include <set>
 
-#include <c10/core/GradMode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "difftrain/checkpoint.h"
+#include "difftrain/io.h"
 #include "difftrain/log.h"
-#include "difftrain/run.h"
+#include "difftrain/safetensors.h"
+#include "difftrain/weights.h"
 
 namespace difftrain {
 
@@ -19,12 +18,6 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) throw RuntimeError(fmt::format("cannot read {}", p.string()));
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 json parse_json_file(const fs::path& p) {
   try {
@@ -34,32 +27,17 @@ json parse_json_file(const fs::path& p) {
   }
 }
 
-fs::path latest_in(const fs::path& checkpoints_dir) {
-  std::vector<std::string> skipped;
-  const auto found = find_latest_checkpoint(checkpoints_dir, &skipped);
-  for (const auto& s : skipped) log_warn("skipping checkpoint {}", s);
-  if (!found)
-    throw UsageError(fmt::format("no usable checkpoint in {}{}", checkpoints_dir.string(),
-                                 skipped.empty() ? "" : fmt::format(" ({} damaged or incomplete: {})", skipped.size(),
-                                                                    fmt::join(skipped, "; "))));
-  return *found;
-}
-
-std::string shape_text(at::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
-
-// "a, b, c" of at most `n` names, then "and K more".
-std::string some(const std::vector<std::string>& names, size_t n = 5) {
-  std::vector<std::string> head(names.begin(), names.begin() + static_cast<std::ptrdiff_t>(std::min(n, names.size())));
-  return fmt::format("{}{}", fmt::join(head, ", "),
-                     names.size() > n ? fmt::format(" and {} more", names.size() - n) : std::string());
-}
-
 // The parameters of a model of `cfg` by name, in order (shapes only matter).
 NamedTensors expected_parameters(const ModelConfig& cfg) {
   UNet2DModel m(cfg);
-  NamedTensors out;
-  for (const auto& item : m->named_parameters()) out.emplace_back(item.key(), item.value());
-  return out;
+  return named_parameters(m);
+}
+
+// The newest good checkpoint of a checkpoints/ folder, or a UsageError when it has none.
+fs::path latest_in(const fs::path& checkpoints_dir) {
+  const auto found = latest_checkpoint(checkpoints_dir);
+  if (!found) throw UsageError(fmt::format("no usable checkpoint in {}: it holds none yet", checkpoints_dir.string()));
+  return *found;
 }
 
 }  // namespace
@@ -97,58 +75,12 @@ fs::path run_dir_of_checkpoint(const fs::path& checkpoint) {
   return dir.parent_path().filename() == "checkpoints" ? dir.parent_path().parent_path() : dir.parent_path();
 }
 
-CheckpointWeights load_checkpoint_weights(const fs::path& checkpoint, WeightsKind kind) {
-  if (const auto problem = verify_checkpoint(checkpoint); !problem.empty())
-    throw CheckpointError(fmt::format("checkpoint {} is not usable: {}", checkpoint.string(), problem));
-  CheckpointWeights out;
-  out.path = checkpoint;
-  out.kind = kind;
-  try {
-    out.step = json::parse(read_text(checkpoint / "state.json")).at("step").get<int64_t>();
-  } catch (const json::exception& e) {
-    throw CheckpointError(fmt::format("checkpoint {}: state.json: {}", checkpoint.string(), e.what()));
-  }
-  const fs::path config_path = checkpoint / "config.json";
-  try {
-    out.config = config_from_json(nlohmann::ordered_json::parse(read_text(config_path)), config_path.string());
-  } catch (const std::exception& e) {
-    throw CheckpointError(fmt::format("checkpoint {} was written by another difftrain version: its config.json does not "
-                                      "fit this one: {}", checkpoint.string(), e.what()));
-  }
-  const fs::path file = checkpoint / (to_string(kind) + ".safetensors");
-  if (!fs::exists(file)) {
-    if (kind == WeightsKind::ema)
-      throw UsageError(fmt::format("checkpoint {} has no EMA weights (the run had ema.enabled = false); use --weights model",
-                                   checkpoint.string()));
-    throw CheckpointError(fmt::format("checkpoint {} has no {}", checkpoint.string(), file.filename().string()));
-  }
-  out.weights = load_safetensors(file).tensors;
-  return out;
-}
-
 std::map<std::string, at::Tensor> weights_map(const NamedTensors& weights) { return {weights.begin(), weights.end()}; }
 
 UNet2DModel model_with_weights(const ModelConfig& cfg, const std::map<std::string, at::Tensor>& weights,
                                const std::string& source, const c10::Device& device) {
   UNet2DModel m(cfg);
-  std::set<std::string> used;
-  {
-    c10::NoGradGuard no_grad;
-    for (auto& item : m->named_parameters()) {
-      const auto it = weights.find(item.key());
-      if (it == weights.end()) throw CheckpointError(fmt::format("{}: no tensor {}", source, item.key()));
-      if (it->second.sizes() != item.value().sizes())
-        throw CheckpointError(fmt::format("{}: {} has shape {}, the model has {}", source, item.key(),
-                                          shape_text(it->second.sizes()), shape_text(item.value().sizes())));
-      item.value().copy_(it->second);
-      used.insert(item.key());
-    }
-  }
-  std::vector<std::string> extra;
-  for (const auto& [name, t] : weights)
-    if (!used.count(name)) extra.push_back(name);
-  if (!extra.empty())
-    throw CheckpointError(fmt::format("{}: tensors that are not parameters of the model: {}", source, some(extra)));
+  load_weights(m, weights, source);
   m->to(device);
   m->eval();
   return m;
@@ -324,19 +256,14 @@ void export_diffusers(const fs::path& out_dir, const ModelConfig& model, const D
   // The weights must be exactly the model's parameters.
   const auto expected = expected_parameters(model);
   const auto given = weights_map(weights);
+  if (const auto problems = weight_mismatches(expected, given); !problems.empty())
+    throw RuntimeError(fmt::format("export: the weights do not fit model.*:\n  {}", fmt::join(problems, "\n  ")));
   NamedTensors tensors;
   for (const auto& [name, p] : expected) {
-    const auto it = given.find(name);
-    if (it == given.end()) throw RuntimeError(fmt::format("export: the weights have no tensor {}", name));
-    if (it->second.sizes() != p.sizes())
-      throw RuntimeError(fmt::format("export: {} has shape {}, the model has {}", name, shape_text(it->second.sizes()),
-                                     shape_text(p.sizes())));
-    auto t = it->second.detach().to(at::kCPU).to(at::kFloat);
+    auto t = given.at(name).detach().to(at::kCPU).to(at::kFloat);
     if (opts.dtype == ExportDtype::bf16) t = t.to(at::kBFloat16);
     tensors.emplace_back(name, t.contiguous());
   }
-  if (given.size() != expected.size())
-    throw RuntimeError(fmt::format("export: {} tensors given, the model has {} parameters", given.size(), expected.size()));
   // Sorted by name, as safetensors' own writer (safetensors.torch.save_file) lays tensors out.
   std::sort(tensors.begin(), tensors.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
 
@@ -373,32 +300,17 @@ DiffusersUNet import_diffusers(const fs::path& dir_in) {
 
   const auto file = load_safetensors(weights_path);
   const auto expected = expected_parameters(out.model);
-  std::map<std::string, at::Tensor> given;
-  for (const auto& [name, t] : file.tensors) given[name] = t;
-  std::vector<std::string> missing, extra, bad;
-  for (const auto& [name, p] : expected) {
-    const auto it = given.find(name);
-    if (it == given.end()) {
-      missing.push_back(name);
-      continue;
-    }
-    const auto dtype = it->second.scalar_type();
+  const auto given = weights_map(file.tensors);
+  std::vector<std::string> problems = weight_mismatches(expected, given, "config.json implies");
+  for (const auto& [name, t] : file.tensors) {
+    const auto dtype = t.scalar_type();
     if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf && dtype != at::kDouble)
-      bad.push_back(fmt::format("{} has dtype {} (F32, BF16, F16 or F64 expected)", name, c10::toString(dtype)));
-    else if (it->second.sizes() != p.sizes())
-      bad.push_back(fmt::format("{} has shape {}, config.json implies {}", name, shape_text(it->second.sizes()),
-                                shape_text(p.sizes())));
-    else out.weights[name] = it->second.to(at::kFloat).contiguous();
+      problems.push_back(fmt::format("{} has dtype {} (F32, BF16, F16 or F64 expected)", name, c10::toString(dtype)));
   }
-  for (const auto& [name, t] : given)
-    if (!std::any_of(expected.begin(), expected.end(), [&](const auto& e) { return e.first == name; })) extra.push_back(name);
-  std::vector<std::string> problems;
-  if (!missing.empty()) problems.push_back(fmt::format("missing tensors: {}", some(missing)));
-  if (!extra.empty()) problems.push_back(fmt::format("tensors that config.json does not explain: {}", some(extra)));
-  for (const auto& b : bad) problems.push_back(b);
   if (!problems.empty())
     throw RuntimeError(fmt::format("{} does not match {}:\n  {}", weights_path.string(), (dir / "config.json").string(),
                                    fmt::join(problems, "\n  ")));
+  for (const auto& [name, p] : expected) out.weights[name] = given.at(name).to(at::kFloat).contiguous();
   return out;
 }
 

@@ -15,9 +15,10 @@
 #include <nlohmann/json.hpp>
 #include <torch/script.h>  // torch::jit::load: only here
 
+#include "difftrain/data.h"
 #include "difftrain/data_formats.h"
 #include "difftrain/errors.h"
-#include "difftrain/run.h"
+#include "difftrain/io.h"
 #include "difftrain/safetensors.h"
 #include "difftrain/sha256.h"
 #include "difftrain/version.h"
@@ -190,9 +191,7 @@ std::vector<fs::path> list_image_files(const fs::path& dir) {
   std::vector<fs::path> files;
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     if (!entry.is_regular_file()) continue;
-    std::string ext = entry.path().extension().string();
-    std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-    if ((ext == ".png" || ext == ".jpg" || ext == ".jpeg") && entry.path().filename() != "grid.png") files.push_back(entry.path());
+    if (formats::is_image_file(entry.path().string()) && entry.path().filename() != "grid.png") files.push_back(entry.path());
   }
   if (ec) throw RuntimeError(fmt::format("cannot list {}: {}", dir.string(), ec.message()));
   if (files.empty()) throw UsageError(fmt::format("image folder {} holds no PNG or JPEG files (grid.png aside)", dir.string()));
@@ -204,8 +203,7 @@ at::Tensor read_image_file(const fs::path& path) {
   const auto bytes = formats::read_file(path.string());
   auto img = formats::decode_image(bytes.data(), bytes.size(), path.string());
   auto t = at::from_blob(img.pixels.data(), {img.channels, img.height, img.width}, at::TensorOptions().dtype(at::kByte)).clone();
-  if (t.size(0) == 2 || t.size(0) == 4) t = t.slice(0, 0, t.size(0) - 1).contiguous();  // drop alpha
-  return t;  // (C, H, W), C = 1 or 3
+  return drop_alpha(t).contiguous();  // (C, H, W), C = 1 or 3
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,6 +3,12 @@
 #include <algorithm>
 #include <vector>
 
+#include <fmt/format.h>
+
+#ifdef DIFFTRAIN_WITH_CUDA
+#include "cuda/cuda_probe.h"
+#endif
+
 namespace difftrain {
 
 namespace {
@@ -117,6 +123,36 @@ ModelFlops model_flops(const ModelConfig& model) { return model_flops(model, mod
 
 std::vector<AttentionLayer> attention_layers(const ModelConfig& model, int64_t height, int64_t width) {
   return walk(model, height, width).attention_layers;
+}
+
+MfuBasis mfu_basis(const Config& cfg, const c10::Device& device, std::optional<c10::ScalarType> autocast) {
+  MfuBasis out;
+  out.flops = model_flops(cfg.model);
+  const PeakPrecision precision = autocast == c10::kBFloat16 ? PeakPrecision::bf16
+                                  : autocast == c10::kHalf   ? PeakPrecision::fp16
+                                  : cfg.train.allow_tf32     ? PeakPrecision::tf32
+                                                             : PeakPrecision::fp32;
+  std::optional<std::string> gpu_name;
+#ifdef DIFFTRAIN_WITH_CUDA
+  if (device.is_cuda() && cfg.run.peak_tflops <= 0) {
+    const int index = device.has_index() ? device.index() : 0;
+    for (const auto& g : cuda::probe().gpus)
+      if (g.index == index) gpu_name = g.name;
+  }
+#else
+  (void)device;
+#endif
+  out.peak = choose_peak(cfg.run.peak_tflops, gpu_name, precision);
+  out.description = fmt::format(
+      "model FLOPs per image: {:.4g} GFLOP forward + {:.4g} backward = {:.4g} GFLOP per training image (counted as "
+      "torch.utils.flop_counter does); {}",
+      static_cast<double>(out.flops.forward) / 1e9, static_cast<double>(out.flops.backward) / 1e9,
+      static_cast<double>(out.flops.total()) / 1e9,
+      out.peak   ? fmt::format("train/mfu against a peak of {:g} TFLOP/s per device ({})", out.peak->tflops, out.peak->source)
+      : gpu_name ? fmt::format("no train/mfu: {} has no {} entry in the peak table; set run.peak_tflops", *gpu_name,
+                               to_string(precision))
+                 : std::string("no train/mfu on this device unless run.peak_tflops is set"));
+  return out;
 }
 
 }  // namespace difftrain

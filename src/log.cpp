@@ -1,5 +1,7 @@
 #include "difftrain/log.h"
 
+#include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 
@@ -51,7 +53,25 @@ void add_log_file(const std::filesystem::path& file) {
 bool log_enabled(LogLevel level) { return spdlog::default_logger_raw()->should_log(to_spdlog(level)); }
 
 void log_write(LogLevel level, std::string_view message) {
+  progress_clear();  // the live line, if any, gives way; its next tick draws it again
   spdlog::default_logger_raw()->log(to_spdlog(level), "{}", message);
+}
+
+namespace {
+std::atomic<bool> g_progress_shown{false};  // a live line is on the terminal (stderr)
+}  // namespace
+
+void progress_show(std::string_view line) {
+  std::fputs("\r\033[K", stderr);  // carriage return, erase to the end of the line
+  std::fwrite(line.data(), 1, line.size(), stderr);
+  std::fflush(stderr);
+  g_progress_shown = true;
+}
+
+void progress_clear() {
+  if (!g_progress_shown.exchange(false)) return;
+  std::fputs("\r\033[K", stderr);
+  std::fflush(stderr);
 }
 
 }  // namespace difftrain

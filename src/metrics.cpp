@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "difftrain/errors.h"
+#include "difftrain/io.h"
 
 namespace difftrain {
 
@@ -24,25 +25,6 @@ namespace {
 
 [[noreturn]] void io_error(const std::string& what, const fs::path& path) {
   throw RuntimeError("cannot " + what + " " + path.string() + ": " + std::strerror(errno));
-}
-
-void write_all(int fd, const std::string& s, const fs::path& path) {
-  for (size_t done = 0; done < s.size();) {
-    const ssize_t n = ::write(fd, s.data() + done, s.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) io_error("write", path);
-    done += static_cast<size_t>(n);
-  }
-}
-
-void fsync_path(const fs::path& path, int flags) {
-  const int fd = ::open(path.c_str(), flags | O_CLOEXEC);
-  if (fd < 0) io_error("open", path);
-  const int rc = ::fsync(fd);
-  const int saved = errno;
-  ::close(fd);
-  errno = saved;
-  if (rc != 0) io_error("sync", path);
 }
 
 // A sample value in the text format: Go's ParseFloat syntax, with NaN, +Inf and -Inf.
@@ -85,7 +67,7 @@ void purge_jsonl(const fs::path& path, int64_t resume_step) {
       dropped = true;
   }
   if (in.bad()) io_error("read", path);
-  if (dropped) write_text_atomic(path, kept);
+  if (dropped) write_file_atomic(path, kept);
 }
 
 }  // namespace
@@ -97,34 +79,6 @@ std::string prometheus_name(const std::string& tag) {
     name += ok ? c : '_';
   }
   return name;
-}
-
-void write_text_atomic(const fs::path& path, const std::string& content) {
-  const fs::path dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
-  std::string name = ".";  // appended piecewise: "." + std::string trips GCC 12's -Wrestrict (GCC bug 105651)
-  name += path.filename().string();
-  name += '.';
-  name += std::to_string(::getpid());
-  name += ".tmp";
-  const fs::path tmp = dir / name;
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) io_error("create", tmp);
-  try {
-    write_all(fd, content, tmp);
-    if (::fsync(fd) != 0) io_error("sync", tmp);
-  } catch (...) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  ::close(fd);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int saved = errno;
-    ::unlink(tmp.c_str());
-    errno = saved;
-    io_error("rename " + tmp.string() + " to", path);
-  }
-  fsync_path(dir, O_RDONLY | O_DIRECTORY);
 }
 
 MetricsLogger::MetricsLogger(const fs::path& run_dir, MetricsOptions options, std::optional<int64_t> resume_step)
@@ -186,7 +140,7 @@ void MetricsLogger::write_prometheus(int64_t step, double wall_time) {
   gauge("difftrain_step", "Training step of the last log.", std::to_string(step));
   gauge("difftrain_last_log_timestamp_seconds", "Unix time of the last log.", prom_value(wall_time));
   for (const auto& g : gauges_) gauge(g.name, "Last value of the scalar \"" + g.tag + "\".", prom_value(g.value));
-  write_text_atomic(run_dir_ / "metrics.prom", out.str());
+  write_file_atomic(run_dir_ / "metrics.prom", out.str());
 }
 
 void MetricsLogger::image(const std::string& tag, int64_t step, const uint8_t* pixels, int64_t channels, int64_t height, int64_t width) {

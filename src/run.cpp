@@ -3,16 +3,14 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "difftrain/checkpoint.h"
 #include "difftrain/errors.h"
-#include "difftrain/metrics.h"
+#include "difftrain/io.h"
+#include "difftrain/log.h"
 
 namespace difftrain {
 
 namespace fs = std::filesystem;
-
-void write_file_atomic(const fs::path& path, const std::string& content) {
-  write_text_atomic(path, content);  // metrics.h: the torch-free implementation, shared
-}
 
 std::string run_identity_changes(const Config& before_cfg, const Config& after_cfg) {
   const auto before = run_identity(before_cfg), after = run_identity(after_cfg);
@@ -63,6 +61,27 @@ fs::path prepare_run_dir(const Config& cfg) {
   }
   write_file_atomic(config_file, config_to_string(cfg));
   return dir;
+}
+
+std::optional<fs::path> choose_resume(const Config& cfg, const fs::path& run_dir, int64_t rank) {
+  const auto& resume = cfg.checkpoint.resume;
+  const fs::path dir = run_dir / "checkpoints";
+  if (rank == 0)
+    if (const int n = remove_interrupted_saves(dir); n > 0)
+      log_warn("removed {} incomplete checkpoint save(s) in {} (a run stopped while saving)", n, dir.string());
+  if (!resume.empty() && resume != "latest") return fs::path(resume);
+  if (rank != 0) return std::nullopt;
+  if (resume.empty()) {
+    if (const auto existing = list_checkpoints(dir); !existing.empty())
+      throw UsageError(
+          fmt::format("{} already holds checkpoints (newest: {}); continue it with --resume latest, or start a "
+                      "new run with --set run.name=<new name>. Nothing was changed.",
+                      run_dir.string(), existing.front().second.filename().string()));
+    return std::nullopt;
+  }
+  const auto latest = latest_checkpoint(dir);
+  if (!latest) log_info("--resume latest: no checkpoint in {} yet; starting from step 0", dir.string());
+  return latest;
 }
 
 }  // namespace difftrain

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "difftrain/errors.h"
+#include "difftrain/io.h"
 
 namespace difftrain {
 
@@ -70,9 +71,7 @@ void save_safetensors(const std::filesystem::path& path, const NamedTensors& ten
 
 SafetensorsFile load_safetensors(const std::filesystem::path& path) {
   const std::string file = path.string();
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw RuntimeError(fmt::format("cannot read {}: {}", file, std::strerror(errno)));
-  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string bytes = read_text(path);
   auto bad = [&](const std::string& what) { return RuntimeError(fmt::format("{}: not a valid safetensors file: {}", file, what)); };
   if (bytes.size() < 8) throw bad("shorter than the 8-byte header length");
   uint64_t n = 0;

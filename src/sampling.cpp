@@ -179,8 +179,14 @@ void write_png(const std::filesystem::path& path, const at::Tensor& image) {
 void save_sample_folder(const std::filesystem::path& dir, const at::Tensor& images) {
   TORCH_CHECK(images.dim() == 4 && images.size(0) >= 1, "save_sample_folder: needs (N, C, H, W) images");
   for (int64_t i = 0; i < images.size(0); ++i) write_png(dir / fmt::format("{:06d}.png", i), images[i]);
+  save_sample_grid(dir / "grid.png", images);
+}
+
+at::Tensor save_sample_grid(const std::filesystem::path& path, const at::Tensor& images) {
   const auto nrow = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(images.size(0)))));
-  write_png(dir / "grid.png", make_grid(images, nrow));
+  const auto grid = make_grid(images.cpu(), nrow);  // (C, H', W') uint8
+  write_png(path, grid);
+  return grid;
 }
 
 }  // namespace difftrain

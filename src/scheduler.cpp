@@ -339,4 +339,9 @@ SchedulerOutput DDIMScheduler::step(const at::Tensor& model_output, int64_t t, c
   return {prev_sample, pred_original_sample};
 }
 
+at::Tensor diffusion_loss(const at::Tensor& model_output, const at::Tensor& target, const at::Tensor& weights) {
+  const auto mse = (model_output.to(at::kFloat) - target.to(at::kFloat)).pow(2).mean({1, 2, 3});  // (B)
+  return mse * weights;
+}
+
 }  // namespace difftrain

@@ -16,6 +16,7 @@
 #include <limits>
 
 #include "difftrain/data_formats.h"
+#include "difftrain/io.h"
 
 namespace difftrain::tensorboard {
 
@@ -197,10 +198,7 @@ std::string frame_record(const std::string& data) {
 }
 
 EventFileRecords read_event_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw RuntimeError(io_message("cannot open", path));
-  const std::string bytes((std::istreambuf_iterator<char>(in)), {});
-  if (in.bad()) throw RuntimeError(io_message("cannot read", path));
+  const std::string bytes = read_text(path);
   const auto* b = reinterpret_cast<const uint8_t*>(bytes.data());
   EventFileRecords r;
   for (size_t off = 0; off < bytes.size();) {
@@ -269,15 +267,7 @@ EventWriter::~EventWriter() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-void EventWriter::write_event(const std::string& event) {
-  const std::string record = frame_record(event);
-  for (size_t done = 0; done < record.size();) {
-    const ssize_t n = ::write(fd_, record.data() + done, record.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) throw RuntimeError(io_message("cannot write", path_));
-    done += static_cast<size_t>(n);
-  }
-}
+void EventWriter::write_event(const std::string& event) { write_all(fd_, frame_record(event), path_); }
 
 void EventWriter::add_scalar(const std::string& tag, double value, int64_t step) {
   write_event(summary_event(step, Proto().str(value::kTag, tag).fixed32(value::kSimpleValue, static_cast<float>(value))));

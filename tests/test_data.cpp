@@ -13,6 +13,7 @@
 #include <stb/stb_image_write.h>
 #include <torch/torch.h>
 
+#include "difftrain/config.h"
 #include "difftrain/data.h"
 #include "test_paths.h"
 

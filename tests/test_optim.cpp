@@ -12,8 +12,9 @@
 #include "difftrain/amp.h"
 #include "difftrain/ema.h"
 #include "difftrain/optim.h"
+#include "difftrain/rng.h"
 #include "difftrain/scheduler.h"
-#include "difftrain/trainer.h"
+#include "difftrain/unet.h"
 #include "numerics.h"
 #include "reference.h"
 

@@ -15,9 +15,12 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include "difftrain/config.h"
 #include "difftrain/data.h"
+#include "difftrain/rng.h"
 #include "difftrain/safetensors.h"
 #include "difftrain/trainer.h"
+#include "difftrain/unet.h"
 #include "numerics.h"
 #include "stand_in.h"
 #include "test_paths.h"
@@ -94,7 +97,8 @@ TEST_P(TrainStep, TenStepsMatchPyTorchAndDiffusers) {
   std::vector<at::Tensor> batches;
   for (int64_t i = 0; i < cfg.train.max_steps * cfg.train.gradient_accumulation_steps; ++i) batches.push_back(loader.next().images);
   save_safetensors(dir_ / "batches.safetensors", {{"x0", torch::stack(batches)}});
-  std::ofstream(dir_ / "seed.json") << nlohmann::json{{"seed", global_batch_seed(static_cast<uint64_t>(cfg.run.seed))}}.dump();
+  std::ofstream(dir_ / "seed.json")
+      << nlohmann::json{{"seed", stream_seed(static_cast<uint64_t>(cfg.run.seed), SeedPurpose::global_batch)}}.dump();
   std::ofstream(dir_ / "config.json") << config_to_string(cfg);
   const fs::path ref_file = dir_ / "reference.safetensors";
   const std::string cmd = python + " " + test::source_dir() + "/tests/reference/train_step_reference.py " + dir_.string() +

@@ -12,9 +12,11 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include "difftrain/config.h"
 #include "difftrain/data.h"
 #include "difftrain/errors.h"
 #include "difftrain/trainer.h"
+#include "difftrain/unet.h"
 #include "numerics.h"
 #include "stand_in.h"
 #include "unet_formats.h"
@@ -168,6 +170,30 @@ TEST_F(TrainerSwitches, ChannelsLastComputesTheSameFunction) {
     EXPECT_TRUE(test::as_accurate_as(cl[i].contiguous(), plain[i].contiguous(), ref[i], order_factor))
         << (i == 0 ? "output" : "gradient ") << i;
   EXPECT_NO_THROW(trainer.train_step());
+}
+
+// Every random stream is seeded from (run.seed, purpose, rank) (rng.h), not drawn in call order:
+// EMA on builds one more model, and must leave the dropout noise, hence the model's trajectory,
+// unchanged. A run whose dropout stream is disturbed on purpose shows that the noise matters.
+TEST_F(TrainerSwitches, EmaOnOrOffLeavesTheTrajectoryUnchanged) {
+  Config cfg = config();
+  cfg.model.dropout = 0.3;
+  auto run = [&](bool ema, const std::string& name, bool disturb) {
+    Config c = cfg;
+    c.ema.enabled = ema;
+    Trainer t(c, stand_in_data(), options(name));
+    if (disturb) (void)torch::rand({7});  // one draw from the dropout stream (the CPU's default generator)
+    for (int k = 0; k < 3; ++k) t.train_step();
+    std::vector<at::Tensor> out;
+    for (auto& p : t.model()->parameters()) out.push_back(p.detach().clone());
+    return out;
+  };
+  const auto on = run(true, "ema_on", false), off = run(false, "ema_off", false), disturbed = run(false, "disturbed", true);
+  ASSERT_EQ(on.size(), off.size());
+  bool all_equal = true;
+  for (size_t i = 0; i < on.size(); ++i) EXPECT_TRUE(torch::equal(on[i], off[i])) << "tensor " << i;
+  for (size_t i = 0; i < on.size(); ++i) all_equal = all_equal && torch::equal(disturbed[i], off[i]);
+  EXPECT_FALSE(all_equal) << "dropout noise did not reach the weights: the test would not see a shifted stream";
 }
 
 TEST_F(TrainerSwitches, CudaOnlySwitchesOnACpu) {

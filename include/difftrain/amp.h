@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -11,8 +12,8 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
-#include "difftrain/config.h"
-#include "difftrain/optim.h"
+#include "difftrain/enums.h"
+#include "difftrain/named_tensors.h"
 
 namespace difftrain {
 

@@ -18,8 +18,6 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "difftrain/errors.h"
 #include "difftrain/safetensors.h"
 
@@ -35,7 +33,7 @@ class CheckpointError : public RuntimeError {
 
 struct Checkpoint {
   int64_t step = 0;
-  nlohmann::ordered_json state = nlohmann::ordered_json::object();  // state.json (step and version are added)
+  std::string state = "{}";  // state.json, a JSON object (train_state.cpp writes its keys; save adds step and version)
   std::string config;                                                // config.json
   std::map<std::string, NamedTensors> tensors;                       // file stem ("model") -> tensors
   std::map<std::string, std::map<std::string, std::string>> metadata;  // file stem -> its safetensors __metadata__
@@ -66,6 +64,10 @@ std::vector<std::pair<int64_t, std::filesystem::path>> list_checkpoints(const st
 // "<path>: <problem>".
 std::optional<std::filesystem::path> find_latest_checkpoint(const std::filesystem::path& dir,
                                                             std::vector<std::string>* skipped = nullptr);
+// The newest checkpoint of `dir` that verifies, each newer damaged one logged as a warning and
+// skipped: what `--resume latest` and `--checkpoint latest` take. nullopt when `dir` holds no
+// checkpoint; CheckpointError, naming every damaged one, when it holds some but none is usable.
+std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::path& dir);
 // Deletes all but the newest `keep_last` checkpoints and those whose step is a multiple of
 // keep_every (0 = none kept permanently); returns what it deleted.
 std::vector<std::filesystem::path> rotate_checkpoints(const std::filesystem::path& dir, int keep_last, int64_t keep_every);

@@ -4,23 +4,20 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <exception>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
-#include "difftrain/config.h"
 #include "difftrain/data_formats.h"
+#include "difftrain/enums.h"
 
 namespace difftrain {
+
+struct DataConfig;  // config.h
 
 struct Sample {
   at::Tensor image;  // (C, H, W) uint8, at the file's own size and channel count
@@ -117,6 +114,8 @@ struct AugmentOptions {
 // random horizontal flip. Random choices come from `key` alone, so the result does not depend on
 // which thread runs it.
 at::Tensor augment(const at::Tensor& image, const AugmentOptions& opts, uint64_t key);
+// (C, H, W) without its alpha plane (C = 2 gray+alpha, 4 RGBA); other images unchanged (a view).
+at::Tensor drop_alpha(const at::Tensor& image);
 // uint8 [0, 255] -> float [-1, 1].
 at::Tensor normalize(const at::Tensor& images);
 
@@ -157,37 +156,12 @@ class Loader {
   Loader& operator=(const Loader&) = delete;
 
   Batch next();  // blocks until the next batch is ready; after an error, rethrows it on every call
-  LoaderState state() const { return state_; }  // the position of the batch next() returns next
-  int64_t batches_per_epoch() const { return batches_per_epoch_; }
+  LoaderState state() const;  // the position of the batch next() returns next
+  int64_t batches_per_epoch() const;
 
  private:
-  struct Ready {
-    Batch batch;
-    std::exception_ptr error;  // a worker's exception, rethrown by next()
-  };
-  std::vector<int64_t> batch_indices(int64_t epoch, int64_t batch) const;  // dataset indices of one batch
-  Batch build(int64_t epoch, int64_t batch) const;  // decode, augment, stack (pinned on CUDA)
-  void worker();
-  void stop();
-
-  std::shared_ptr<Dataset> dataset_;
-  LoaderOptions opts_;
-  LoaderState state_;
-  int64_t batches_per_epoch_ = 0;
-  at::Tensor preloaded_, preloaded_labels_;  // preload mode: (N, C, R, R) uint8 and (N) on the device
-  at::Tensor epoch_order_, epoch_flip_;      // preload mode: this epoch's rank indices and flips, on the device
-  int64_t epoch_on_device_ = -1;
-  std::exception_ptr failed_;                // once next() has thrown, it throws the same again
-
-  // Workers take consecutive global batch numbers (epoch * batches_per_epoch + batch).
-  std::vector<std::thread> threads_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::map<int64_t, Ready> ready_;
-  int64_t next_to_build_ = 0, next_to_return_ = 0;
-  bool stopping_ = false;
-  mutable std::mutex epoch_mu_;
-  mutable std::map<int64_t, std::vector<int64_t>> epoch_cache_;  // indices of recent epochs
+  struct Impl;  // worker threads, the ready queue, the preloaded tensors (data.cpp)
+  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace difftrain

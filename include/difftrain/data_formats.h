@@ -44,6 +44,9 @@ std::vector<int64_t> parse_idx_labels(const std::vector<uint8_t>& bytes, const s
 // CIFAR-10 binary batch: records of 1 label byte (0..9) and 3072 pixel bytes (R, G, B planes of 32x32).
 ImageArray parse_cifar10(const std::vector<uint8_t>& bytes, const std::string& name);
 
+// A file name ending in .png, .jpg or .jpeg, in any case: what image folders hold.
+bool is_image_file(const std::string& path);
+
 // What a PNG or JPEG header says, C x H x W as in Image.
 struct ImageInfo {
   int64_t channels = 0, height = 0, width = 0;

@@ -20,12 +20,11 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include "difftrain/config.h"
-#include "difftrain/safetensors.h"
+#include "difftrain/named_tensors.h"
 #include "difftrain/unet.h"
 
 namespace difftrain {
 
-DIFFTRAIN_ENUM(WeightsKind, ema, model);   // which weights of a checkpoint
 DIFFTRAIN_ENUM(ExportDtype, f32, bf16);    // safetensors dtype of exported weights
 
 inline constexpr const char* kDiffusersVersion = "0.42.1";  // the diffusers release the layout is tested with
@@ -42,21 +41,8 @@ std::filesystem::path resolve_checkpoint(const std::string& spec, const std::fil
 // The run directory a checkpoint belongs to (<run>/checkpoints/step_X -> <run>).
 std::filesystem::path run_dir_of_checkpoint(const std::filesystem::path& checkpoint);
 
-struct CheckpointWeights {
-  std::filesystem::path path;   // the checkpoint directory
-  int64_t step = 0;
-  Config config;                // its config.json
-  WeightsKind kind = WeightsKind::ema;
-  NamedTensors weights;         // by diffusers name, in the model's order
-};
-
-// Verifies the checkpoint (manifest, version, SHA-256) and reads its config and one set of
-// weights: CheckpointError (exit 2) for a damaged or other-version checkpoint, UsageError when
-// `kind` is ema and the run kept no EMA.
-CheckpointWeights load_checkpoint_weights(const std::filesystem::path& checkpoint, WeightsKind kind);
-
 // A model of `cfg` holding `weights` (every parameter by name, nothing else; shapes must match),
-// in eval mode on `device`. CheckpointError names `source` and the first offending tensor.
+// in eval mode on `device`. CheckpointError names `source` and every offending tensor (weights.h).
 UNet2DModel model_with_weights(const ModelConfig& cfg, const std::map<std::string, at::Tensor>& weights,
                                const std::string& source, const c10::Device& device);
 std::map<std::string, at::Tensor> weights_map(const NamedTensors& weights);

@@ -5,9 +5,15 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <vector>
 
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
 #include "difftrain/config.h"
+#include "difftrain/peak.h"
 
 namespace difftrain {
 
@@ -41,5 +47,15 @@ struct AttentionLayer {
   int64_t channels = 0, height = 0, width = 0;
 };
 std::vector<AttentionLayer> attention_layers(const ModelConfig& model, int64_t height, int64_t width);
+
+// What train/tflops and train/mfu divide by, said once when training starts.
+struct MfuBasis {
+  ModelFlops flops;          // per training image, of cfg.model at its sample_size
+  std::optional<Peak> peak;  // none: no train/mfu
+  std::string description;   // for the log
+};
+// The peak is run.peak_tflops, else the training GPU's table entry (peak.h) in the precision of
+// the step's matrix work: the autocast dtype, else TF32 when train.allow_tf32, else fp32.
+MfuBasis mfu_basis(const Config& cfg, const c10::Device& device, std::optional<c10::ScalarType> autocast);
 
 }  // namespace difftrain

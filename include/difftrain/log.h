@@ -12,7 +12,7 @@
 
 #include <fmt/format.h>
 
-#include "difftrain/config.h"
+#include "difftrain/enums.h"
 
 namespace difftrain {
 
@@ -24,7 +24,13 @@ void setup_logging(LogLevel level, int rank);
 void add_log_file(const std::filesystem::path& file);
 
 bool log_enabled(LogLevel level);
-void log_write(LogLevel level, std::string_view message);
+void log_write(LogLevel level, std::string_view message);  // clears a live progress line first
+
+// A live progress line on stderr (a terminal): progress_show redraws it in place, and every log
+// line, or progress_clear, erases it first, so log lines never land in the middle of it.
+// progress.h formats it.
+void progress_show(std::string_view line);
+void progress_clear();
 
 template <class... A> void log_at(LogLevel level, fmt::format_string<A...> f, A&&... args) {
   if (log_enabled(level)) log_write(level, fmt::format(f, std::forward<A>(args)...));

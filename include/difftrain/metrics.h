@@ -28,10 +28,6 @@ struct MetricsOptions {
 // [a-zA-Z0-9_:] made '_' ("train/loss" -> difftrain_train_loss).
 std::string prometheus_name(const std::string& tag);
 
-// Writes `content` to `path` atomically: a temporary file beside it (named so that the textfile
-// collector, which reads *.prom, skips it), fsync, rename, fsync of the directory.
-void write_text_atomic(const std::filesystem::path& path, const std::string& content);
-
 class MetricsLogger {
  public:
   // Opens the sinks in `run_dir`. With `resume_step` (a resume from a checkpoint at that step):

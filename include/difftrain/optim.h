@@ -12,11 +12,10 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "difftrain/config.h"
+#include "difftrain/enums.h"
+#include "difftrain/named_tensors.h"
 
 namespace difftrain {
-
-using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
 // ---------------------------------------------------------------------------------------------
 // AdamW (Loshchilov & Hutter 2019, Algorithm 2) as torch.optim.AdamW computes it:

@@ -13,9 +13,9 @@
 
 #include <ATen/core/Tensor.h>
 
-namespace difftrain {
+#include "difftrain/named_tensors.h"
 
-using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+namespace difftrain {
 
 // The file's bytes: tensors in the given order, so the same input gives the same bytes.
 // Supported dtypes: F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL.

@@ -53,5 +53,8 @@ void write_png(const std::filesystem::path& path, const at::Tensor& image);
 // Writes (N, C, H, W) uint8 images as dir/000000.png, 000001.png, ... and dir/grid.png (all of
 // them, ⌈√N⌉ per row).
 void save_sample_folder(const std::filesystem::path& dir, const at::Tensor& images);
+// A grid (⌈√N⌉ per row) of (N, C, H, W) uint8 images, written as a PNG at `path`; returns it,
+// (C, H', W') uint8 on the CPU, for TensorBoard.
+at::Tensor save_sample_grid(const std::filesystem::path& path, const at::Tensor& images);
 
 }  // namespace difftrain

@@ -132,4 +132,8 @@ class DDIMScheduler : public NoiseSchedule {
                        std::optional<at::Generator> generator = std::nullopt, bool use_clipped_model_output = false) const;
 };
 
+// Per-sample diffusion loss (B): w(t) · mean over (C, H, W) of (model_output - target)², in
+// float32, target and w as NoiseSchedule::training_target and loss_weights give them.
+at::Tensor diffusion_loss(const at::Tensor& model_output, const at::Tensor& target, const at::Tensor& weights);
+
 }  // namespace difftrain

@@ -13,7 +13,7 @@ It reads a difftrain config (a file as written, or the resolved one from `difftr
 missing keys take difftrain's defaults, mirrored below), builds diffusers' UNet2DModel from
 model.* (difftrain's num_class_embeds = K is diffusers' K + 1: the extra row is the learned null
 class) and DDPMScheduler from diffusion.*, and times the step difftrain's Trainer::train_step
-takes (src/trainer.cpp):
+takes (src/train_step.cpp):
 
     t ~ U{0..T-1}, noise ~ N(0, I)  ->  add_noise  ->  UNet(x_t, t[, y with class dropout])
     ->  MSE to the prediction-type target (min-SNR weights if diffusion.snr_gamma)  ->  backward

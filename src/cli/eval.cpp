@@ -14,10 +14,12 @@
 #include "difftrain/errors.h"
 #include "difftrain/export.h"
 #include "difftrain/fid.h"
+#include "difftrain/io.h"
 #include "difftrain/log.h"
 #include "difftrain/run.h"
 #include "difftrain/sampling.h"
 #include "difftrain/sha256.h"
+#include "difftrain/train_state.h"
 
 namespace difftrain::cli {
 

@@ -7,6 +7,7 @@
 #include "difftrain/errors.h"
 #include "difftrain/export.h"
 #include "difftrain/log.h"
+#include "difftrain/train_state.h"
 #include "difftrain/version.h"
 
 namespace difftrain::cli {

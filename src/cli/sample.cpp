@@ -12,6 +12,7 @@
 #include "difftrain/export.h"
 #include "difftrain/log.h"
 #include "difftrain/sampling.h"
+#include "difftrain/train_state.h"
 
 namespace difftrain::cli {
 

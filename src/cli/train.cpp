@@ -126,7 +126,7 @@ int run_train(const TrainOptions& opts) {
     to.init_source = (std::filesystem::path(opts.init_from) / kDiffusersWeightsFile).string();
   }
   Trainer trainer(cfg, dataset, to);
-  log_info("model: UNet2DModel, {} parameters", count_parameters(*trainer.model()));
+  log_info("model: UNet2DModel, {} parameters", trainer.num_parameters());
   return trainer.train();
 }
 

@@ -3,6 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace difftrain::cuda {
 
@@ -14,6 +17,9 @@ struct MemoryStats {
 
 MemoryStats memory_stats(int device_index);
 void reset_peak_memory(int device_index);
+// memory_stats as the system/gpu_mem_{allocated,reserved,peak}_gb scalars (GiB), appended to
+// `scalars`; returns " | GPU <allocated>/<reserved> GiB" for the log line.
+std::string add_memory_scalars(int device_index, std::vector<std::pair<std::string, double>>& scalars);
 // Makes `device_index` the current CUDA device of this thread (before any CUDA work: NCCL binds to it).
 void set_device(int device_index);
 

@@ -7,7 +7,7 @@ IN_DIR holds, written by the C++ test from difftrain:
   config.json    difftrain's resolved config (model.* are UNet2DModel's arguments)
   weights.safetensors  the initial weights by diffusers name
   batches.safetensors  "x0": (steps * k, B, C, H, W), the loader's batches in order
-  seed.json      {"seed": the trainer's generator seed (difftrain::global_batch_seed)}
+  seed.json      {"seed": the trainer's generator seed (rng.h: stream_seed(run.seed, SeedPurpose::global_batch))}
 
 Runs train.max_steps optimizer steps of gradient_accumulation_steps micro-batches each, the way
 diffusers' train_unconditional.py and its min-SNR variant do, with nothing from difftrain:
