@@ -47,7 +47,7 @@ int run_train(const TrainOptions& opts) {
   const EnvReport env = collect_env();
   DeviceChoice device = resolve_device(cfg.run.device, env.cuda);  // never a silent CPU fallback
   if (device.device.is_cuda() && world.distributed()) {            // one GPU per process
-    const auto requested = cfg.run.device.rfind("cuda:", 0) == 0 ? parse_device_index(cfg.run.device) : std::nullopt;
+    const std::optional<int> requested = parse_device_spec(cfg.run.device)->index;  // N of cuda:N; validated by load
     const int visible = env.cuda.gpus.empty() ? 0 : env.cuda.gpus.back().index + 1;  // a GPU that failed its query still counts
     const int index = local_cuda_device(world.local_rank, world.local_world_size, visible, requested, world.launcher);
     device.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
