@@ -1,6 +1,7 @@
 // Config <-> JSON, --set overrides, validation and the generated reference, all driven by the
 // visit() schema in config.h. Each visitor below walks that schema once.
 #include "difftrain/config.h"
+#include "difftrain/env.h"  // parse_device_spec: run.device's grammar
 
 #include <algorithm>
 #include <cerrno>
@@ -373,11 +374,8 @@ const std::vector<Rule>& rules() {
        }},
       {"`run.device` is `auto`, `cpu`, `cuda` or `cuda:N`.",
        [](const Config& c, Errors& e) {
-         const std::string& d = c.run.device;
-         bool ok = d == "auto" || d == "cpu" || d == "cuda";
-         if (d.rfind("cuda:", 0) == 0 && d.size() > 5 && d.size() < 9)
-           ok = std::all_of(d.begin() + 5, d.end(), [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)); });
-         if (!ok) e.push_back(fmt::format("run.device: unknown device {}; allowed: auto | cpu | cuda | cuda:N", quoted(d)));
+         if (!parse_device_spec(c.run.device))
+           e.push_back(fmt::format("run.device: unknown device {}; allowed: {}", quoted(c.run.device), kDeviceGrammar));
        }},
       {"`model.down_block_types` and `model.up_block_types` have one entry per `model.block_out_channels` entry.",
        [](const Config& c, Errors& e) {

@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cstdlib>
 #include <map>
@@ -239,31 +240,36 @@ int configure_threads(int num_threads) {
   return at::get_num_threads();
 }
 
-std::optional<int> parse_device_index(const std::string& spec) {
-  if (spec == "cuda") return 0;
-  if (spec.rfind("cuda:", 0) != 0 || spec.size() == 5) return std::nullopt;
-  int index = -1;
-  const char* first = spec.data() + 5;
-  const char* last = spec.data() + spec.size();
-  const auto [end, ec] = std::from_chars(first, last, index);
-  if (ec != std::errc() || end != last || index < 0 || *first == '+') return std::nullopt;
-  return index;
+std::optional<DeviceSpec> parse_device_spec(std::string_view spec) {
+  if (spec == "auto") return DeviceSpec{DeviceSpec::Kind::auto_, std::nullopt};
+  if (spec == "cpu") return DeviceSpec{DeviceSpec::Kind::cpu, std::nullopt};
+  if (spec == "cuda") return DeviceSpec{DeviceSpec::Kind::cuda, std::nullopt};
+  constexpr std::string_view prefix = "cuda:";
+  if (spec.substr(0, prefix.size()) != prefix) return std::nullopt;
+  const std::string_view digits = spec.substr(prefix.size());
+  if (digits.empty() || digits.size() > 3 ||  // three digits: N <= kMaxCudaDeviceIndex = 999
+      !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return std::nullopt;
+  int index = 0;
+  std::from_chars(digits.data(), digits.data() + digits.size(), index);  // cannot fail: 1..3 digits
+  return DeviceSpec{DeviceSpec::Kind::cuda, index};
 }
 
 DeviceChoice resolve_device(const std::string& spec, const CudaStatus& cuda) {
   const std::string quoted = nlohmann::json(spec).dump();  // user text, escaped
-  if (spec == "cpu") return {c10::Device(c10::kCPU), "run.device = \"cpu\""};
+  const std::optional<DeviceSpec> parsed = parse_device_spec(spec);
+  if (!parsed) throw UsageError(fmt::format("run.device: unknown device {}; allowed: {}", quoted, kDeviceGrammar));
+  if (parsed->kind == DeviceSpec::Kind::cpu) return {c10::Device(c10::kCPU), "run.device = \"cpu\""};
   const bool usable = cuda.state == CudaState::ok && !cuda.gpus.empty();
   auto reason = [&] {
     std::string why = cuda.state == CudaState::ok ? "no CUDA device could be queried" : to_string(cuda.state);
     return cuda.detail.empty() ? why : why + ": " + cuda.detail;
   };
-  if (spec == "auto") {
+  if (parsed->kind == DeviceSpec::Kind::auto_) {
     if (usable) return {c10::Device(c10::kCUDA, 0), fmt::format("run.device = \"auto\" chose cuda:0 ({})", cuda.gpus[0].name)};
     return {c10::Device(c10::kCPU), fmt::format("run.device = \"auto\" chose the CPU: CUDA is not usable ({})", reason())};
   }
-  const std::optional<int> index = parse_device_index(spec);
-  if (!index) throw UsageError(fmt::format("run.device: unknown device {}; allowed: auto | cpu | cuda | cuda:N (N >= 0)", quoted));
+  const int index = parsed->index.value_or(0);  // "cuda" is cuda:0
   if (!usable) {
     std::string why;
     switch (cuda.state) {
@@ -289,7 +295,9 @@ DeviceChoice resolve_device(const std::string& spec, const CudaStatus& cuda) {
                                  quoted, why));
   }
   for (const auto& g : cuda.gpus)
-    if (g.index == *index) return {c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(g.index)), fmt::format("run.device = {}: {}", quoted, g.name)};
+    if (g.index == index)
+      return {c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(g.index)),
+              fmt::format("run.device = {}: {}", quoted, g.name)};
   throw UsageError(fmt::format("run.device = {} but only {} CUDA device(s) are visible (cuda:0 .. cuda:{})", quoted,
                                cuda.gpus.size(), cuda.gpus.size() - 1));
 }

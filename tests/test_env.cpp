@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/version.h>
 
+#include "difftrain/config.h"
 #include "difftrain/env.h"
 #include "difftrain/errors.h"
 #include "test_paths.h"
@@ -164,9 +165,45 @@ TEST(Device, GpusAreFoundByTheirIndex) {
   c.gpus.erase(c.gpus.begin() + 1);  // device 1 could not be queried
   EXPECT_EQ(resolve_device("cuda:2", c).device, c10::Device(c10::kCUDA, 2));
   EXPECT_NE(device_error("cuda:1", c).find("only 2 CUDA device(s)"), std::string::npos);
-  EXPECT_EQ(parse_device_index("cuda"), 0);
-  EXPECT_EQ(parse_device_index("cuda:12"), 12);
-  EXPECT_EQ(parse_device_index("cuda:0x1"), std::nullopt);
+}
+
+// One grammar for run.device and every --device: auto | cpu | cuda | cuda:N with N of 1..3 digits.
+TEST(Device, TheGrammarAcceptsAutoCpuCudaAndCudaN) {
+  using Kind = DeviceSpec::Kind;
+  auto kind = [](const char* s) { return parse_device_spec(s)->kind; };
+  auto index = [](const char* s) { return parse_device_spec(s)->index; };
+  EXPECT_EQ(kind("auto"), Kind::auto_);
+  EXPECT_EQ(kind("cpu"), Kind::cpu);
+  EXPECT_EQ(kind("cuda"), Kind::cuda);
+  EXPECT_EQ(index("cuda"), std::nullopt);  // any GPU: resolve_device takes cuda:0, a distributed rank its own
+  EXPECT_EQ(kind("cuda:0"), Kind::cuda);
+  EXPECT_EQ(index("cuda:0"), 0);
+  EXPECT_EQ(index("cuda:12"), 12);
+  EXPECT_EQ(index("cuda:007"), 7);
+  EXPECT_EQ(index("cuda:999"), kMaxCudaDeviceIndex);  // the bound
+  for (const char* bad :
+       {"",        "tpu",     "CPU",      "Cuda",    "auto ",    " cuda",   "cuda:",   "cuda:1000",        "cuda:0001",
+        "cuda:-1", "cuda:+1", "cuda:0x1", "cuda:1x", "cuda:abc", "cuda: 1", "cuda:1 ", "cuda:99999999999", "cuda:1:2",
+        "cuda0",   "cpu:0",   "mps"})
+    EXPECT_FALSE(parse_device_spec(bad).has_value()) << '"' << bad << '"';
+}
+
+TEST(Device, ConfigValidationAndResolveDeviceShareTheGrammar) {
+  for (const char* spec : {"auto", "cpu", "cuda", "cuda:0", "cuda:999", "cuda:1000", "cuda:-1", "tpu", "cuda:"}) {
+    Config cfg;
+    cfg.run.device = spec;
+    const bool valid_config = validate(cfg).empty();
+    const bool grammar_error = device_error(spec, status(CudaState::ok, 1)).find("unknown device") != std::string::npos;
+    EXPECT_EQ(valid_config, parse_device_spec(spec).has_value()) << spec;
+    EXPECT_EQ(grammar_error, !parse_device_spec(spec).has_value()) << spec;
+  }
+  Config cfg;
+  cfg.run.device = "cuda:1000";
+  const auto errors = validate(cfg);
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_NE(errors[0].find("run.device: unknown device \"cuda:1000\"; allowed: auto | cpu | cuda | cuda:N (N = 0..999)"),
+            std::string::npos)
+      << errors[0];
 }
 
 TEST(Device, AutoPicksCudaWhenUsableAndSaysWhyNot) {

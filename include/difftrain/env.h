@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <c10/core/Device.h>
@@ -61,16 +62,25 @@ std::string cpu_capability();
 // Set LibTorch's intra-op threads: 0 = all hardware threads. Returns the count in effect.
 int configure_threads(int num_threads);
 
-// Resolves run.device ("auto", "cpu", "cuda", "cuda:N") against the environment.
+// The one device grammar, of run.device and of every --device: "auto", "cpu", "cuda" or "cuda:N"
+// with N one to three decimal digits (0 .. kMaxCudaDeviceIndex; no sign, no spaces). Whether GPU N
+// exists is resolve_device's question, not the grammar's.
+inline constexpr int kMaxCudaDeviceIndex = 999;
+inline constexpr const char* kDeviceGrammar = "auto | cpu | cuda | cuda:N (N = 0..999)";  // for error messages
+struct DeviceSpec {
+  enum class Kind { auto_, cpu, cuda } kind = Kind::auto_;
+  std::optional<int> index;  // N of "cuda:N"; nullopt for "cuda", "auto" and "cpu"
+};
+std::optional<DeviceSpec> parse_device_spec(std::string_view spec);  // nullopt: not in the grammar
+
+// Resolves a device spelling (run.device's grammar above) against the environment.
 // "cuda*" without usable CUDA throws UsageError naming the cause; "auto" falls back to the CPU
-// and explains why in `note`.
+// and explains why in `note`. A spelling outside the grammar is a UsageError too.
 struct DeviceChoice {
   c10::Device device{c10::kCPU};
   std::string note;
 };
 DeviceChoice resolve_device(const std::string& spec, const CudaStatus& cuda);
-// "cuda" -> 0, "cuda:N" -> N (N >= 0, digits only); anything else -> nullopt.
-std::optional<int> parse_device_index(const std::string& spec);
 
 // The GPU of one rank of a distributed run: rank `local_rank` of the `local_world_size` ranks on
 // this node, which sees `device_count` CUDA devices (after CUDA_VISIBLE_DEVICES). `requested` is

@@ -3,6 +3,7 @@
 // cached statistics), on the features of a TorchScript network given by path.
 #include <fstream>
 #include <iostream>
+#include <memory>
 
 #include <ATen/ops/stack.h>
 #include <CLI/CLI.hpp>
@@ -10,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "difftrain/data.h"
 #include "difftrain/errors.h"
 #include "difftrain/export.h"
@@ -20,6 +22,7 @@
 #include "difftrain/sampling.h"
 #include "difftrain/sha256.h"
 #include "difftrain/train_state.h"
+#include "difftrain/weights.h"
 
 namespace difftrain::cli {
 
@@ -31,9 +34,8 @@ struct EvalCommand {
   std::string feature_net;
   std::string samples;
   CheckpointOptions checkpoint;
-  CLI::Option* checkpoint_option = nullptr;
-  CLI::Option* run_option = nullptr;
-  SampleOptions sample;
+  SamplingFlags sampling;
+  DeviceOptions device;
   ConfigOptions config;
   std::string ref_stats, ref_folder, stats_cache;
   int64_t kid_subsets = 100, kid_subset_size = 1000, feature_batch_size = 64;
@@ -45,8 +47,6 @@ struct FeatureSet {
   std::string description;
   std::vector<int64_t> image_shape;  // (C, H, W) of the images, when known
 };
-
-std::string shape_text(const std::vector<int64_t>& s) { return fmt::format("{}x{}x{}", s.at(0), s.at(1), s.at(2)); }
 
 FeatureSet folder_features(FeatureNetwork& net, const fs::path& dir, int64_t batch_size) {
   const auto files = list_image_files(dir);
@@ -135,12 +135,11 @@ ReferenceStats reference(const EvalCommand& c, FeatureNetwork& net, const Config
 }
 
 int run_eval(const EvalCommand& c) {
-  const c10::Device device = pick_device(c.sample);
+  const c10::Device device = pick_device(c.device);
   FeatureNetwork net(c.feature_net, device);
   log_info("feature network {} (SHA-256 {})", c.feature_net, net.sha256());
 
-  const bool checkpoint_given = c.checkpoint_option->count() > 0 || c.run_option->count() > 0;
-  if (!c.samples.empty() && checkpoint_given)
+  if (!c.samples.empty() && c.checkpoint.checkpoint_given())
     throw UsageError("give either --samples DIR (a folder of generated images) or --checkpoint (generate them now), not both");
 
   FeatureSet generated;
@@ -152,7 +151,7 @@ int run_eval(const EvalCommand& c) {
     ckpt = open_checkpoint(c.checkpoint);
     run_dir = run_dir_of_checkpoint(ckpt->path);
     const int64_t n = ckpt->config.sampling.num_final_samples > 0 ? ckpt->config.sampling.num_final_samples : 1000;
-    const SamplingOptions opts = sampling_options(c.sample, ckpt->config, n);
+    const SamplingOptions opts = sampling_options(c.sampling, ckpt->config, n);
     UNet2DModel model = model_with_weights(ckpt->config.model, weights_map(ckpt->weights),
                                            (ckpt->path / (to_string(ckpt->kind) + ".safetensors")).string(), device);
     log_info("generating {} images ({}, {} steps, seed {})", opts.num_samples, to_string(opts.sampler), opts.num_inference_steps,
@@ -212,51 +211,52 @@ int run_eval(const EvalCommand& c) {
 void set_eval_command(CLI::App* app, int& exit_code) {
   auto* cmd = app->add_subcommand("eval", "FID and KID of generated images against a dataset, a folder or cached statistics, "
                                           "on the features of a TorchScript network (docs/EVALUATION.md)");
-  static EvalCommand c;
-  cmd->add_option("--feature-net", c.feature_net,
+  auto c = std::make_shared<EvalCommand>();  // owned by the callback, so by the App
+  cmd->add_option("--feature-net", c->feature_net,
                   "TorchScript feature network, e.g. NVlabs' Inception inception-2015-12-05.pt (docs/EVALUATION.md says where "
                   "to get it; nothing is downloaded)")
       ->type_name("FILE")
       ->required()
       ->group("Features");
-  cmd->add_option("--feature-batch-size", c.feature_batch_size, "Images per feature-network call")
+  cmd->add_option("--feature-batch-size", c->feature_batch_size, "Images per feature-network call")
       ->type_name("B")
       ->check(CLI::PositiveNumber)
       ->capture_default_str()
       ->group("Features");
-  cmd->add_option("--samples", c.samples, "Generated images: a folder of PNG/JPEG files (difftrain sample's output; grid.png "
-                                          "is skipped). Without it, images are generated from --checkpoint")
+  cmd->add_option("--samples", c->samples,
+                  "Generated images: a folder of PNG/JPEG files (difftrain sample's output; grid.png "
+                  "is skipped). Without it, images are generated from --checkpoint")
       ->type_name("DIR")
       ->group("Generated images");
-  add_checkpoint_options(cmd, c.checkpoint);
-  c.checkpoint_option = cmd->get_option("--checkpoint");
-  c.run_option = cmd->get_option("--run");
-  add_sample_options(cmd, c.sample,
+  add_checkpoint_options(cmd, c->checkpoint);
+  add_sampling_flags(cmd, c->sampling,
                      "Images to generate from the checkpoint (default: its sampling.num_final_samples, or 1000 when that is 0)");
-  cmd->add_option("--ref-stats", c.ref_stats, "Reference: statistics cached by an earlier eval (<run>/fid_stats/*.safetensors)")
+  add_device_options(cmd, c->device);
+  cmd->add_option("--ref-stats", c->ref_stats, "Reference: statistics cached by an earlier eval (<run>/fid_stats/*.safetensors)")
       ->type_name("FILE")
       ->group("Reference");
-  cmd->add_option("--ref-folder", c.ref_folder, "Reference: a folder of PNG/JPEG images")->type_name("DIR")->group("Reference");
-  add_config_options(cmd, c.config);
+  cmd->add_option("--ref-folder", c->ref_folder, "Reference: a folder of PNG/JPEG images")->type_name("DIR")->group("Reference");
+  add_config_options(cmd, c->config);
   cmd->get_option("--config")->description("Reference: the dataset of this config's data.* (default: the checkpoint's config, "
                                            "else the built-in defaults)")->group("Reference");
   cmd->get_option("--set")->group("Reference");
-  cmd->add_option("--stats-cache", c.stats_cache, "Where the dataset's statistics are cached (default: "
-                                                  "<run>/fid_stats/reference_<hash>.safetensors)")
+  cmd->add_option("--stats-cache", c->stats_cache,
+                  "Where the dataset's statistics are cached (default: "
+                  "<run>/fid_stats/reference_<hash>.safetensors)")
       ->type_name("FILE")
       ->group("Reference");
-  cmd->add_option("--kid-subsets", c.kid_subsets, "KID: random subsets averaged")
+  cmd->add_option("--kid-subsets", c->kid_subsets, "KID: random subsets averaged")
       ->type_name("N")
       ->check(CLI::PositiveNumber)
       ->capture_default_str()
       ->group("Metrics");
-  cmd->add_option("--kid-subset-size", c.kid_subset_size, "KID: images per subset (capped at the smaller set)")
+  cmd->add_option("--kid-subset-size", c->kid_subset_size, "KID: images per subset (capped at the smaller set)")
       ->type_name("M")
       ->check(CLI::Range(int64_t{2}, int64_t{1} << 40))
       ->capture_default_str()
       ->group("Metrics");
-  cmd->add_option("-o,--out", c.out, "Also write the result JSON to this file")->type_name("FILE")->group("Metrics");
-  cmd->callback([&exit_code] { exit_code = run_eval(c); });
+  cmd->add_option("-o,--out", c->out, "Also write the result JSON to this file")->type_name("FILE")->group("Metrics");
+  cmd->callback([c, &exit_code] { exit_code = run_eval(*c); });
 }
 
 }  // namespace difftrain::cli

@@ -1,11 +1,13 @@
 // `difftrain train` (also `difftrain --config X`): validate, pick the device, prepare the run
 // directory, then train.
 #include <cstdlib>
+#include <memory>
 
 #include <CLI/CLI.hpp>
 #include <fmt/ranges.h>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "difftrain/data.h"
 #include "difftrain/distributed.h"
 #include "difftrain/env.h"
@@ -45,17 +47,7 @@ int run_train(const TrainOptions& opts) {
   setup_logging(cfg.logging.level, rank);
   const int threads = configure_threads(cfg.run.num_threads);
   const EnvReport env = collect_env();
-  DeviceChoice device = resolve_device(cfg.run.device, env.cuda);  // never a silent CPU fallback
-  if (device.device.is_cuda() && world.distributed()) {            // one GPU per process
-    const auto requested = cfg.run.device.rfind("cuda:", 0) == 0 ? parse_device_index(cfg.run.device) : std::nullopt;
-    const int visible = env.cuda.gpus.empty() ? 0 : env.cuda.gpus.back().index + 1;  // a GPU that failed its query still counts
-    const int index = local_cuda_device(world.local_rank, world.local_world_size, visible, requested, world.launcher);
-    device.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
-    device.note =
-        fmt::format("local rank {} of {} on this node, {} GPU(s) visible", world.local_rank, world.local_world_size, visible);
-    for (const auto& g : env.cuda.gpus)
-      if (g.index == index) device.note += ": " + g.name;
-  }
+  const DeviceChoice device = select_device(cfg.run.device, env, world);  // one GPU per rank in a distributed run
 #ifdef DIFFTRAIN_WITH_CUDA
   if (device.device.is_cuda()) cuda::set_device(device.device.index());  // before any CUDA work and NCCL
 #endif
@@ -96,8 +88,7 @@ int run_train(const TrainOptions& opts) {
     log_info("world: {} ranks ({} per node, launcher {}), store {}:{}, backend {}", world.world_size, world.local_world_size,
              world.launcher, world.master_addr, world.master_port, process_group->backend_name());
   else log_info("world: a single process");
-  if (device.device.is_cpu() && cfg.run.device == "auto") log_warn("{}", device.note);
-  else log_info("device: {} ({})", device.device.str(), device.note);
+  log_device(device, cfg.run.device);
   log_info("CPU threads: {}", threads);
 
   // The data, read and checked before anything trains: bad files stop the run here.
@@ -134,23 +125,27 @@ int run_train(const TrainOptions& opts) {
 
 void set_train_command(CLI::App* app, int& exit_code) {
   auto* cmd = app->add_subcommand("train", "Train a diffusion model (the default: `difftrain --config X` means `difftrain train --config X`)");
-  static TrainOptions opts;
-  add_config_options(cmd, opts.config);
-  cmd->add_option("--resume", opts.resume, "Resume: 'latest' (newest good checkpoint of the run) or a checkpoint path; "
-                                           "same as --set checkpoint.resume=...")
+  auto opts = std::make_shared<TrainOptions>();  // owned by the callback, so by the App
+  add_config_options(cmd, opts->config);
+  cmd->add_option("--resume", opts->resume,
+                  "Resume: 'latest' (newest good checkpoint of the run) or a checkpoint path; "
+                  "same as --set checkpoint.resume=...")
       ->type_name("latest|PATH")
       ->group("Run");
-  cmd->add_option("--device", opts.device, "auto | cpu | cuda | cuda:N; same as --set run.device=... (default from the config: " +
-                                               Config{}.run.device + ")")
+  cmd->add_option(
+         "--device", opts->device,
+         "auto | cpu | cuda | cuda:N; same as --set run.device=... (default from the config: " + Config{}.run.device + ")")
       ->type_name("DEVICE")
+      ->check(device_spelling())
       ->group("Run");
-  cmd->add_option("--init-from", opts.init_from,
+  cmd->add_option("--init-from", opts->init_from,
                   "Start from the weights of a diffusers UNet2DModel folder (what `difftrain export` writes); its architecture "
                   "must equal model.* (a resume takes precedence)")
       ->type_name("DIR")
       ->group("Run");
-  cmd->add_flag("--dry-run", opts.dry_run, "Validate, check the device, read the data and prepare the run directory, then stop")->group("Run");
-  cmd->callback([&exit_code] { exit_code = run_train(opts); });
+  cmd->add_flag("--dry-run", opts->dry_run, "Validate, check the device, read the data and prepare the run directory, then stop")
+      ->group("Run");
+  cmd->callback([opts, &exit_code] { exit_code = run_train(*opts); });
 }
 
 }  // namespace difftrain::cli

@@ -7,6 +7,9 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -86,6 +89,28 @@ TEST_F(Cli, UsageErrorsExitOne) {
   const Result sample = run("sample");
   EXPECT_EQ(sample.code, 1);
   EXPECT_NE(sample.err.find("does not exist"), std::string::npos) << sample.err;
+}
+
+// Enum options take their config spellings only (not the enum's numbers), every --device the
+// grammar of run.device; the parser refuses the rest before anything runs, naming the option.
+TEST_F(Cli, EnumAndDeviceOptionsAreCheckedWhenParsed) {
+  const std::string out = " --out " + (dir_ / "out").string();
+  for (const auto& [args, text] : std::vector<std::pair<std::string, std::string>>{
+           {"sample --weights 1", "--weights: unknown value \"1\"; allowed: ema | model"},
+           {"sample --sampler dpm++",
+            "--sampler: unknown value \"dpm++\"; allowed: ddpm | ddim | dpm_solver_multistep | "
+            "unipc_multistep | euler_ancestral"},
+           {"export --dtype f16" + out, "--dtype: unknown value \"f16\"; allowed: f32 | bf16"},
+           {"eval --feature-net x.pt --device tpu",
+            "--device: unknown device \"tpu\"; allowed: auto | cpu | cuda | cuda:N (N = 0..999)"},
+           {"sample --device cuda:1000", "--device: unknown device \"cuda:1000\""},
+           {"env --device cuda:-1", "--device: unknown device \"cuda:-1\""},
+           {"train --dry-run --device gpu", "--device: unknown device \"gpu\""}}) {
+    const Result r = run(args);
+    EXPECT_EQ(r.code, 1) << args;
+    EXPECT_NE(r.err.find(text), std::string::npos) << args << ": " << r.err;
+  }
+  EXPECT_FALSE(fs::exists(dir_ / "out"));
 }
 
 TEST_F(Cli, ConfigPrintResolvesFileAndSet) {
