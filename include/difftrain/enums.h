@@ -49,5 +49,6 @@ DIFFTRAIN_ENUM(OptimizerImpl, auto_, fused, foreach, loop);
 DIFFTRAIN_ENUM(LogLevel, trace, debug, info, warn, error);
 DIFFTRAIN_ENUM(DistBackend, auto_, nccl, gloo);
 DIFFTRAIN_ENUM(Sampler, ddpm, ddim, dpm_solver_multistep, unipc_multistep, euler_ancestral);
+DIFFTRAIN_ENUM(WeightsKind, ema, model);  // which weights of a checkpoint (train_state.h)
 
 }  // namespace difftrain

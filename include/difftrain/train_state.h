@@ -52,14 +52,12 @@ struct TrainState {
   void load(const std::filesystem::path& checkpoint, const Config& cfg);
 };
 
-DIFFTRAIN_ENUM(WeightsKind, ema, model);  // which weights of a checkpoint
-
 // One set of weights of a checkpoint, with its step and config, for sample, eval and export.
 struct CheckpointWeights {
   std::filesystem::path path;  // the checkpoint directory
   int64_t step = 0;
   Config config;  // its config.json
-  WeightsKind kind = WeightsKind::ema;
+  WeightsKind kind = WeightsKind::ema;  // enums.h
   NamedTensors weights;  // by diffusers name, in the model's order
 };
 

@@ -5,9 +5,13 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "difftrain/distributed.h"
+#include "difftrain/env.h"
 #include "difftrain/errors.h"
+#include "difftrain/export.h"
 #include "difftrain/log.h"
 #include "difftrain/sampling.h"
+#include "difftrain/train_state.h"
 
 namespace difftrain::cli {
 

@@ -12,14 +12,19 @@
 #include <CLI/CLI.hpp>
 
 #include "difftrain/config.h"
-#include "difftrain/distributed.h"
-#include "difftrain/env.h"
-#include "difftrain/export.h"
-#include "difftrain/train_state.h"
 
-namespace difftrain {
-struct SamplingOptions;  // sampling.h
+// Declared only, so that the commands that need none of them (config, env) compile without
+// LibTorch's headers: common.cpp and the commands that use them include their headers.
+namespace c10 {
+struct Device;
 }
+namespace difftrain {
+struct CheckpointWeights;  // train_state.h
+struct DeviceChoice;       // env.h
+struct EnvReport;          // env.h
+struct SamplingOptions;    // sampling.h
+struct World;              // distributed.h
+}  // namespace difftrain
 
 namespace difftrain::cli {
 
