@@ -58,8 +58,9 @@ int Trainer::Impl::train() {
     }
     if ((step_ % lc.log_every == 0 || last || stop) && interval_steps_ > 0) {
       check_nonfinite();  // a diverged run stops here, before it logs or saves anything more
+      const auto interval_end = std::chrono::steady_clock::now();  // img/s without the reduction below
       if (opts_.process_group) stats_.all_reduce(*opts_.process_group);
-      log_interval(last);
+      log_interval(last, interval_end);
     }
     if (rank0 && lc.sample_every > 0 && step_ % lc.sample_every == 0) write_sample_grid();
     if ((cfg_.checkpoint.every > 0 && step_ % cfg_.checkpoint.every == 0) || last || stop) {
@@ -104,10 +105,10 @@ void Trainer::Impl::log_start() {
   log_info("{}", basis.description);
 }
 
-void Trainer::Impl::log_interval(bool final) {
+void Trainer::Impl::log_interval(bool final, std::chrono::steady_clock::time_point end) {
   if (interval_steps_ == 0) return;
   const auto& tc = cfg_.train;
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - interval_start_).count();
+  const double secs = std::chrono::duration<double>(end - interval_start_).count();
   const auto st = stats_.take(interval_steps_);
   const double lr = lr_at(step_ - 1);
   const double images = static_cast<double>(interval_steps_ * tc.batch_size * tc.gradient_accumulation_steps * world_size_);
@@ -125,14 +126,16 @@ void Trainer::Impl::log_interval(bool final) {
   // for kernel launches (launch-bound: train.cuda_graph removes that wait).
   const auto steps = static_cast<double>(interval_steps_);
   scalars.emplace_back("train/host_ms_per_step", interval_host_seconds_ * 1e3 / steps);
-  std::string memory;
 #ifdef DIFFTRAIN_WITH_CUDA
   if (cuda_) scalars.emplace_back("train/device_ms_per_step", cuda_->timer.take_device_ms() / steps);
-  if (opts_.device.is_cuda()) memory = cuda::add_memory_scalars(opts_.device.index(), scalars);
 #endif
   if (ema_) scalars.emplace_back("train/ema_decay", ema_->cur_decay_value());
   if (scaler_) scalars.emplace_back("train/loss_scale", scaler_->scale_tensor().item<double>());
   scalars.emplace_back("train/skipped_steps", static_cast<double>(st.skipped));
+  std::string memory;
+#ifdef DIFFTRAIN_WITH_CUDA
+  if (opts_.device.is_cuda()) memory = cuda::add_memory_scalars(opts_.device.index(), scalars);
+#endif
   for (const auto& [q, loss] : st.loss_quartiles) scalars.emplace_back(fmt::format("train/loss_q{}", q), loss);
   if (metrics_) metrics_->scalars(step_, scalars);
 
@@ -181,7 +184,8 @@ void Trainer::Impl::write_final_samples() {
   log_info("generating {} samples ({} {} steps, batches of {}) for {}", opts.num_samples, to_string(opts.sampler),
            opts.num_inference_steps, opts.batch_size, dir.string());
   save_sample_folder(dir, to_uint8(generate(model, schedule_.config(), opts, opts_.device)).cpu());
-  log_info("{} samples in {} in {}", opts.num_samples, duration_text(clock.elapsed()), dir.string());
+  log_info("{} samples ({} {} steps) in {} in {}", opts.num_samples, to_string(opts.sampler), opts.num_inference_steps,
+           duration_text(clock.elapsed()), dir.string());
 }
 
 void Trainer::Impl::write_histograms() {

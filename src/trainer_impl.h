@@ -62,7 +62,7 @@ struct Trainer::Impl {
   // The loop (trainer.cpp).
   int train();
   void log_start();  // the run's shape, the speed switches, FLOPs per image and the MFU peak
-  void log_interval(bool final);
+  void log_interval(bool final, std::chrono::steady_clock::time_point end);  // the interval ends at `end`
   std::filesystem::path save_checkpoint();
   void write_sample_grid();
   void write_final_samples();
