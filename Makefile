@@ -67,13 +67,18 @@ docs: build
 clean:
 	rm -rf $(BUILD_DIR)
 
-# Container images (docs/DOCKER.md): CUDA from the official PyTorch devel image, and Debian 12 for CPUs.
-.PHONY: docker docker-cpu bench-train
+# Container images (docs/DOCKER.md), built by scripts/docker-build.sh with Docker or podman:
+# CUDA from the official PyTorch devel image, a slim Debian 12 image for CPUs, and the CPU image's
+# test stage (unit tests and a training with --resume latest inside the image).
+.PHONY: docker docker-cpu docker-test bench-train
 docker:
-	docker build -f docker/Dockerfile -t difftrain .
+	scripts/docker-build.sh cuda
 
 docker-cpu:
-	docker build -f docker/Dockerfile.cpu -t difftrain-cpu .
+	scripts/docker-build.sh cpu
+
+docker-test:
+	scripts/docker-build.sh cpu-test
 
 # Training speed against the same model in PyTorch (scripts/bench/train.sh; docs/PERFORMANCE.md).
 bench-train: build

@@ -14,7 +14,7 @@ set(DIFFTRAIN_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/difftrain CACHE STR
 # linked through the symlinked pip CUDA toolkit under build/, which an install must not point into).
 # LibTorch's own libraries carry RUNPATHs to the NVIDIA wheels they load.
 set(_rpath "")
-foreach(_lib IN LISTS TORCH_LIBRARIES)
+foreach(_lib IN LISTS DIFFTRAIN_TORCH_LIBRARIES)
   if(IS_ABSOLUTE "${_lib}" AND EXISTS "${_lib}")
     list(APPEND _rpath "${_lib}")
   elseif(TARGET "${_lib}")

@@ -111,16 +111,37 @@ add_library(difftrain_torch INTERFACE)
 add_library(difftrain::torch ALIAS difftrain_torch)
 set_target_properties(difftrain_torch PROPERTIES EXPORT_NAME torch)
 target_link_libraries(difftrain_torch INTERFACE "-Wl,--push-state,--no-as-needed" stdc++ "-Wl,--pop-state")
-foreach(_lib IN LISTS TORCH_LIBRARIES)
-  target_link_libraries(difftrain_torch INTERFACE $<BUILD_INTERFACE:${_lib}>)
-endforeach()
 
 if(TARGET torch_cuda OR TARGET c10_cuda OR CAFFE2_USE_CUDA)
+  set(DIFFTRAIN_TORCH_HAS_CUDA ON)
+else()
+  set(DIFFTRAIN_TORCH_HAS_CUDA OFF)
+endif()
+# DIFFTRAIN_CUDA=OFF builds a CPU-only difftrain from a CUDA LibTorch (the PyPI wheel): it links
+# LibTorch's CPU libraries alone (libtorch_cpu, libc10; libtorch_cpu still needs the small
+# libcudart and libcupti), so it runs without the 2 GB of CUDA libraries that libtorch_cuda
+# loads, as in the slim CPU image (docker/Dockerfile). --device cuda is then refused.
+option(DIFFTRAIN_CUDA "Build the CUDA code paths when LibTorch is a CUDA build (OFF: a CPU-only binary)" ON)
+set(DIFFTRAIN_TORCH_LIBRARIES ${TORCH_LIBRARIES})
+if(DIFFTRAIN_TORCH_HAS_CUDA AND DIFFTRAIN_CUDA)
   set(DIFFTRAIN_WITH_CUDA ON)
 else()
   set(DIFFTRAIN_WITH_CUDA OFF)
+  if(DIFFTRAIN_TORCH_HAS_CUDA)
+    if(NOT TARGET torch_cpu_library OR NOT TARGET c10)
+      message(FATAL_ERROR "DIFFTRAIN_CUDA=OFF: the LibTorch at ${Torch_DIR} has no torch_cpu_library/c10 targets to link alone")
+    endif()
+    set(DIFFTRAIN_TORCH_LIBRARIES torch_cpu_library c10)
+    foreach(_dir IN LISTS TORCH_INCLUDE_DIRS)  # the C++ API's headers: on the `torch` target only
+      target_include_directories(difftrain_torch SYSTEM INTERFACE $<BUILD_INTERFACE:${_dir}>)
+    endforeach()
+  endif()
 endif()
-message(STATUS "difftrain: LibTorch ${Torch_VERSION} at ${Torch_DIR} (CUDA: ${DIFFTRAIN_WITH_CUDA})")
+foreach(_lib IN LISTS DIFFTRAIN_TORCH_LIBRARIES)
+  target_link_libraries(difftrain_torch INTERFACE $<BUILD_INTERFACE:${_lib}>)
+endforeach()
+message(STATUS "difftrain: LibTorch ${Torch_VERSION} at ${Torch_DIR} (CUDA build: ${DIFFTRAIN_TORCH_HAS_CUDA}; "
+               "difftrain's CUDA paths: ${DIFFTRAIN_WITH_CUDA})")
 # The NCCL backend of a CUDA LibTorch (src/CMakeLists.txt finds nccl.h or stops).
 include(CMakeDependentOption)
 cmake_dependent_option(DIFFTRAIN_WITH_NCCL "Build the NCCL backend (multi-GPU training); needs nccl.h" ON "DIFFTRAIN_WITH_CUDA" OFF)

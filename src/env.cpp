@@ -30,7 +30,7 @@ namespace difftrain {
 const char* to_string(CudaState s) {
   switch (s) {
     case CudaState::ok: return "ok";
-    case CudaState::not_built: return "LibTorch built without CUDA";
+    case CudaState::not_built: return "difftrain built without CUDA";
     case CudaState::no_driver: return "no NVIDIA driver";
     case CudaState::driver_too_old: return "NVIDIA driver too old for this CUDA runtime";
     case CudaState::no_device: return "no CUDA device visible";
@@ -196,7 +196,8 @@ std::string format_env(const EnvReport& e) {
                                   e.cpu_capability.empty() ? "" : ", " + e.cpu_capability));
   std::string backends;
   if (e.gloo_available) backends += "gloo ";
-  if (e.nccl_available) backends += e.cuda.state == CudaState::ok ? "nccl " : "nccl (needs a GPU) ";
+  if (e.nccl_available && e.cuda.state == CudaState::not_built) backends += "nccl (not in this build) ";
+  else if (e.nccl_available) backends += e.cuda.state == CudaState::ok ? "nccl " : "nccl (needs a GPU) ";
   if (e.mpi_available) backends += "mpi ";
   line("Distributed backends", backends.empty() ? "none" : backends.substr(0, backends.size() - 1));
   return s;
@@ -274,7 +275,9 @@ DeviceChoice resolve_device(const std::string& spec, const CudaStatus& cuda) {
     std::string why;
     switch (cuda.state) {
       case CudaState::not_built:
-        why = "this difftrain was built against a CPU-only LibTorch; rebuild against a CUDA LibTorch (see README)";
+        why =
+            "this difftrain was built without CUDA (a CPU-only LibTorch, or DIFFTRAIN_CUDA=OFF as in the CPU image); "
+            "use a build against a CUDA LibTorch (see README) or the CUDA image (docs/DOCKER.md)";
         break;
       case CudaState::no_driver: why = "no NVIDIA driver was found (is libcuda.so installed and is this a GPU machine?)"; break;
       case CudaState::driver_too_old:
