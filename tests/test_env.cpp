@@ -52,11 +52,21 @@ TEST(Env, AgreesWithPyTorch) {
   const auto py = nlohmann::json::parse(out.substr(out.find('{')));
   const EnvReport e = collect_env();
   EXPECT_EQ(e.torch_version_runtime, py["version"].get<std::string>());
+  EXPECT_EQ(e.gloo_available, py["gloo"].get<bool>());
+  EXPECT_EQ(e.hardware_threads, py["cpus"].get<int>());
+#ifndef DIFFTRAIN_WITH_CUDA
+  // Linked without libtorch_cuda (a CPU-only LibTorch, or -DDIFFTRAIN_CUDA=OFF against the CUDA
+  // wheel that Python imports whole): no CUDA, cuDNN or NCCL, whatever PyTorch reports.
+  EXPECT_FALSE(e.torch_cuda_built);
+  EXPECT_EQ(e.cuda.state, CudaState::not_built);
+  EXPECT_TRUE(e.cuda.gpus.empty());
+  EXPECT_EQ(e.cudnn_version, "");
+  EXPECT_EQ(e.nccl_version, "");
+  return;
+#endif
   EXPECT_EQ(e.torch_cuda_built, py["cuda_build"].get<bool>());
   EXPECT_EQ(e.cuda.state == CudaState::ok, py["cuda"].get<bool>());
   EXPECT_EQ(static_cast<int>(e.cuda.gpus.size()), py["devices"].get<int>());
-  EXPECT_EQ(e.gloo_available, py["gloo"].get<bool>());
-  EXPECT_EQ(e.hardware_threads, py["cpus"].get<int>());
   if (!py["cudnn"].is_null()) {
     const int v = py["cudnn"].get<int>();  // 91900
     EXPECT_EQ(e.cudnn_version, std::to_string(v / 10000) + "." + std::to_string(v % 10000 / 100) + "." + std::to_string(v % 100));
