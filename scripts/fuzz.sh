@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes the dataset readers (IDX, gzip, CIFAR-10, PNG/JPEG through stb_image) with libFuzzer,
+# Fuzzes the dataset readers (IDX, gzip, CIFAR-10, PNG/JPEG through stb_image, tar) with libFuzzer,
 # AddressSanitizer and UBSan for a bounded time. Not part of `make test`.
 #   scripts/fuzz.sh [SECONDS]     (default 120)
 # Needs clang and libclang-rt-dev (libFuzzer); installs them on Debian when missing.
@@ -14,7 +14,7 @@ if ! command -v clang++ >/dev/null || ! ls /usr/lib/llvm-*/lib/clang/*/lib/linux
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends clang libclang-rt-dev
 fi
 clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -I"$root/include" "$root/fuzz/fuzz_formats.cpp" "$root/src/data_formats.cpp" -lz -lstb -o "$out/fuzz_formats"
+  -I"$root/include" "$root/fuzz/fuzz_formats.cpp" "$root/src/data_formats.cpp" "$root/src/tar.cpp" -lz -lstb -o "$out/fuzz_formats"
 # Seeds: one valid file of each kind, made with the venv's Python if it is there.
 python=${PYTHON:-$root/.venv/bin/python}
 if [ -x "$python" ]; then
@@ -26,6 +26,13 @@ open(f"{out}/idx", "wb").write(b"\x00" + idx)
 open(f"{out}/labels", "wb").write(b"\x01" + struct.pack(">BBBBI", 0, 0, 8, 1, 3) + bytes([1, 2, 3]))
 open(f"{out}/cifar", "wb").write(b"\x02" + bytes([3]) + bytes(3072))
 open(f"{out}/gz", "wb").write(b"\x04" + gzip.compress(idx))
+import tarfile
+for fmt, name in [(tarfile.PAX_FORMAT, "pax"), (tarfile.GNU_FORMAT, "gnu")]:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
+        for member, data in [("k/000001.png", b"\x89PNG"), ("k/000001.cls", b"3"), ("x" * 120 + ".json", b"{}")]:
+            info = tarfile.TarInfo(member); info.size = len(data); t.addfile(info, io.BytesIO(data))
+    open(f"{out}/tar_{name}", "wb").write(b"\x05" + buf.getvalue())
 try:
     from PIL import Image
     for fmt in ["PNG", "JPEG"]:

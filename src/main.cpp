@@ -38,6 +38,7 @@ int run(int argc, char** argv) {
   difftrain::cli::set_export_command(&app, exit_code);
   difftrain::cli::set_env_command(&app, exit_code);
   difftrain::cli::set_config_command(&app, exit_code);
+  difftrain::cli::set_data_command(&app, exit_code);
 
   if (argc == 1) {
     std::fputs(app.help().c_str(), stderr);

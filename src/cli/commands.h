@@ -15,5 +15,6 @@ void set_eval_command(CLI::App* app, int& exit_code);
 void set_export_command(CLI::App* app, int& exit_code);
 void set_env_command(CLI::App* app, int& exit_code);
 void set_config_command(CLI::App* app, int& exit_code);
+void set_data_command(CLI::App* app, int& exit_code);
 
 }  // namespace difftrain::cli
