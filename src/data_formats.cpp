@@ -122,7 +122,8 @@ ImageInfo check_parts(const uint8_t* head, size_t head_size, const uint8_t* tail
   }
   if (w == 0 || h == 0) throw FormatError(name + ": header claims " + std::to_string(w) + "x" + std::to_string(h) + " pixels");
   // Real files carry at least a byte per few thousand pixels (deflate peaks near 1032:1).
-  const int64_t pixels = w * h;  // each below 2^32, so no overflow
+  // Each side below 2^28 first: two 32-bit sides overflow their int64 product (found by fuzzing).
+  const int64_t pixels = w > (int64_t{1} << 28) || h > (int64_t{1} << 28) ? int64_t{1} << 62 : w * h;
   if (pixels > (int64_t{1} << 28) || pixels > std::max<int64_t>(int64_t{1} << 22, 4096 * static_cast<int64_t>(size)))
     throw FormatError(name + ": header claims " + std::to_string(w) + "x" + std::to_string(h) + " pixels, too many for a " +
                       std::to_string(size) + "-byte file");

@@ -251,6 +251,22 @@ TEST_F(Data, ExtremeAspectRatiosAreBadImages) {
   EXPECT_EQ(lenient.get(0).image[0][0][0].item<int>(), 9);
 }
 
+// A PNG header claiming 4294926125 x 3221231671 pixels (both sides near 2^32) is refused; their
+// product overflowed int64 before the sides were checked (a fuzzing finding, UBSan).
+TEST_F(Data, HugePngSidesAreRefusedWithoutOverflow) {
+  std::vector<uint8_t> png = {0x89, 'P',  'N',  'G',  0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13, 'I', 'H', 'D', 'R', 0xff,
+                              0xff, 0x5f, 0x2d, 0xc0, 0x00, 0x18, 0x37, 8,    0, 0, 0, 0,  0,   0,   0,   0};
+  for (uint8_t b : std::initializer_list<uint8_t>{0x00, 0x00, 0x00, 0x00, 'I', 'E', 'N', 'D', 0xae, 0x42, 0x60, 0x82})
+    png.push_back(b);
+  try {
+    formats::check_image(png.data(), png.size(), "huge.png");
+    ADD_FAILURE() << "no error";
+  } catch (const formats::FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("huge.png: header claims 4294926125x3221231671 pixels, too many"), std::string::npos)
+        << e.what();
+  }
+}
+
 // All bad files are found when the folder is opened, each named with its reason, in one error.
 TEST_F(Data, BadImageFilesAreAllNamedAtOpen) {
   for (int i = 0; i < 5; ++i)
