@@ -25,6 +25,7 @@
 #include "difftrain/config.h"
 #include "difftrain/log.h"
 #include "difftrain/rng.h"
+#include "difftrain/webdataset.h"
 
 namespace difftrain {
 
@@ -212,8 +213,12 @@ std::shared_ptr<Dataset> open_dataset(const DataConfig& cfg) {
     case DatasetKind::image_folder:
       ds = std::make_shared<ImageFolderDataset>(cfg.path, cfg.on_bad_image, cfg.allow_upscale ? 0 : cfg.resolution);
       break;
+    case DatasetKind::webdataset:
+      ds = std::make_shared<WebDataset>(cfg.path, cfg.label_field, cfg.shuffle_buffer, cfg.on_bad_image);
+      break;
   }
-  if (!cfg.allow_upscale && cfg.dataset != DatasetKind::image_folder) {  // one size for all: check it now
+  if (!cfg.allow_upscale && cfg.dataset != DatasetKind::image_folder &&
+      cfg.dataset != DatasetKind::webdataset) {  // one size for all: check it now
     const auto& img = ds->get(0).image;
     if (std::min(img.size(1), img.size(2)) < cfg.resolution)
       throw FormatError(fmt::format("data.resolution = {} is larger than the {}x{} images of {}, and data.allow_upscale is false",
@@ -291,17 +296,35 @@ at::Tensor normalize(const at::Tensor& images) { return images.to(at::kFloat) / 
 
 // ---------------------------------------------------------------------------------------------
 
-std::vector<int64_t> epoch_indices(int64_t n, uint64_t seed, int64_t epoch, int64_t rank, int64_t world) {
-  // torch.utils.data.DistributedSampler(shuffle=True, drop_last=True): randperm seeded with
-  // seed + epoch, cut to a multiple of the world size, then every world-th item from `rank`.
+namespace {
+
+std::vector<int64_t> randperm_order(int64_t n, uint64_t seed, int64_t epoch) {
   auto gen = at::detail::createCPUGenerator(seed + static_cast<uint64_t>(epoch));
   const auto perm = at::randperm(n, gen, at::TensorOptions().dtype(at::kLong));
-  const int64_t per_rank = n / world;
+  const int64_t* p = perm.data_ptr<int64_t>();
+  return {p, p + n};
+}
+
+std::vector<int64_t> split_for_rank(const std::vector<int64_t>& order, int64_t rank, int64_t world) {
+  const int64_t per_rank = static_cast<int64_t>(order.size()) / world;
   std::vector<int64_t> out;
   out.reserve(static_cast<size_t>(per_rank));
-  const int64_t* p = perm.data_ptr<int64_t>();
-  for (int64_t i = rank; i < per_rank * world; i += world) out.push_back(p[i]);
+  for (int64_t i = rank; i < per_rank * world; i += world) out.push_back(order[static_cast<size_t>(i)]);
   return out;
+}
+
+}  // namespace
+
+std::vector<int64_t> Dataset::epoch_order(uint64_t seed, int64_t epoch) const { return randperm_order(size(), seed, epoch); }
+
+// torch.utils.data.DistributedSampler(shuffle=True, drop_last=True): randperm seeded with
+// seed + epoch, cut to a multiple of the world size, then every world-th item from `rank`.
+std::vector<int64_t> epoch_indices(int64_t n, uint64_t seed, int64_t epoch, int64_t rank, int64_t world) {
+  return split_for_rank(randperm_order(n, seed, epoch), rank, world);
+}
+
+std::vector<int64_t> epoch_indices(const Dataset& dataset, uint64_t seed, int64_t epoch, int64_t rank, int64_t world) {
+  return split_for_rank(dataset.epoch_order(seed, epoch), rank, world);
 }
 
 // The loader's worker threads and queues, behind Loader's narrow interface.
@@ -392,7 +415,7 @@ std::vector<int64_t> Loader::Impl::batch_indices(int64_t epoch, int64_t batch) c
   auto it = epoch_cache_.find(epoch);
   if (it == epoch_cache_.end()) {
     if (epoch_cache_.size() > 2) epoch_cache_.erase(epoch_cache_.begin());  // workers straddle at most two epochs
-    it = epoch_cache_.emplace(epoch, epoch_indices(dataset_->size(), opts_.seed, epoch, opts_.rank, opts_.world_size)).first;
+    it = epoch_cache_.emplace(epoch, epoch_indices(*dataset_, opts_.seed, epoch, opts_.rank, opts_.world_size)).first;
   }
   return {it->second.begin() + batch * opts_.batch_size, it->second.begin() + (batch + 1) * opts_.batch_size};
 }
@@ -450,7 +473,7 @@ Batch Loader::Impl::next() {
   try {
     if (opts_.preload) {
       if (epoch_on_device_ != state_.epoch) {  // one upload per epoch: its order and flips
-        const auto order = epoch_indices(dataset_->size(), opts_.seed, state_.epoch, opts_.rank, opts_.world_size);
+        const auto order = epoch_indices(*dataset_, opts_.seed, state_.epoch, opts_.rank, opts_.world_size);
         std::vector<uint8_t> flip(order.size(), 0);
         if (opts_.augment.random_flip)
           for (size_t b = 0; b < order.size(); ++b) flip[b] = splitmix64(sample_key(opts_.seed, state_.epoch, order[b]) ^ 1) & 1;

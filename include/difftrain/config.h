@@ -149,10 +149,16 @@ struct DataConfig {
   int num_workers = 2;
   int prefetch = 4;
   bool preload = false;
+  int64_t shuffle_buffer = 1000;
+  std::string label_field = "";
 
   template <class V> void visit(V& v) {
-    v("dataset", dataset, "Reader: IDX (MNIST format, gzip or raw), CIFAR-10 binary batches, or a folder of PNG/JPEG.");
-    v("path", path, "Dataset directory.", {.non_empty = true});
+    v("dataset", dataset,
+      "Reader: IDX (MNIST format, gzip or raw), CIFAR-10 binary batches, a folder of PNG/JPEG, or WebDataset tar shards.");
+    v("path", path,
+      "Dataset directory; for webdataset a directory of .tar shards, a brace pattern (train-{000000..000127}.tar) or a "
+      "file listing shards.",
+      {.non_empty = true});
     v("split", split, "Which split of an IDX or CIFAR-10 dataset to read.");
     v("resolution", resolution, "Training resolution in pixels (square).", {.min = 1, .max = 4096});
     v("channels", channels, "Channels after conversion: 1 (grayscale) or 3 (RGB).", {.note = "1 | 3"});
@@ -162,14 +168,20 @@ struct DataConfig {
     v("allow_upscale", allow_upscale, "Allow images smaller than the resolution to be scaled up (else an error).");
     v("on_bad_image", on_bad_image,
       "Bad files in an image folder (all checked at start: empty, not PNG/JPEG, truncated, too "
-      "small without allow_upscale; or failing to decode later): stop with an error naming them, or leave them out and log "
-      "them.");
+      "small without allow_upscale; or failing to decode later), or in webdataset shards (a damaged tar: read up to the "
+      "damage; an undecodable image): stop with an error naming them, or leave them out and log them.");
     v("subset", subset, "Use only the first N items; 0 = all.", {.min = 0});
     v("class_filter", class_filter, "Keep only these labels; empty = all.", {.min = 0});
     v("num_workers", num_workers, "Decode/augment threads.", {.min = 0, .max = 256});
     v("prefetch", prefetch, "Batches queued ahead per worker.", {.min = 1, .max = 1024});
     v("preload", preload, "Keep the whole dataset on the device as uint8, resized and center-cropped once; flip and "
       "normalise there.");
+    v("shuffle_buffer", shuffle_buffer,
+      "webdataset: samples in the shuffle buffer through which each epoch streams its shards (in an order of seed and "
+      "epoch); 1 = shard order.",
+      {.min = 1, .max = 10'000'000});
+    v("label_field", label_field,
+      "webdataset: take labels from this integer field of each sample's .json; empty = from its .cls.");
   }
   bool operator==(const DataConfig&) const = default;
 };

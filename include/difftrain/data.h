@@ -32,6 +32,9 @@ class Dataset {
   virtual int64_t label(int64_t index) const { return get(index).label; }  // without decoding, where possible
   virtual int64_t num_classes() const = 0;      // 0 when unlabelled
   virtual std::string describe() const = 0;
+  // Every index once, in the order epoch `epoch` visits them: a pure function of (seed, epoch).
+  // By default a uniform permutation, torch.randperm seeded with seed + epoch (DistributedSampler's).
+  virtual std::vector<int64_t> epoch_order(uint64_t seed, int64_t epoch) const;
 };
 
 // IDX and CIFAR-10: the whole split decoded into memory.
@@ -147,6 +150,9 @@ struct LoaderOptions {
 // Epoch e visits a permutation that is a pure function of (seed, e), split across ranks as
 // torch's DistributedSampler does (drop_last: every rank gets the same number of whole batches).
 std::vector<int64_t> epoch_indices(int64_t dataset_size, uint64_t seed, int64_t epoch, int64_t rank, int64_t world_size);
+// The same split of a dataset's own epoch order (Dataset::epoch_order): cut to a multiple of the
+// world size, then every world-th index from `rank`.
+std::vector<int64_t> epoch_indices(const Dataset& dataset, uint64_t seed, int64_t epoch, int64_t rank, int64_t world_size);
 
 class Loader {
  public:

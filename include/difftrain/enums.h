@@ -37,7 +37,7 @@ DIFFTRAIN_ENUM(BetaSchedule, linear, scaled_linear, squaredcos_cap_v2, sigmoid);
 DIFFTRAIN_ENUM(PredictionType, epsilon, v_prediction, sample);
 DIFFTRAIN_ENUM(VarianceType, fixed_small, fixed_small_log, fixed_large);
 DIFFTRAIN_ENUM(TimestepSpacing, leading, trailing, linspace);
-DIFFTRAIN_ENUM(DatasetKind, idx, cifar10, image_folder);
+DIFFTRAIN_ENUM(DatasetKind, idx, cifar10, image_folder, webdataset);
 DIFFTRAIN_ENUM(Split, train, test);
 DIFFTRAIN_ENUM(ResizeMode, area, bilinear);
 DIFFTRAIN_ENUM(CropMode, center, random);

@@ -18,6 +18,7 @@
 #include "difftrain/data.h"
 #include "difftrain/sha256.h"
 #include "difftrain/tar.h"
+#include "difftrain/webdataset.h"
 #include "test_paths.h"
 
 namespace difftrain {
@@ -130,13 +131,39 @@ TEST_F(DataPack, PythonWebdatasetReadsOurShardsAndWeReadItsOwn) {
     EXPECT_EQ(key.rfind("k/", 0), 0u) << key;
     EXPECT_EQ(extensions, (std::vector<std::string>{"cls", "json", "png"})) << key;
   }
+  // ... and as a dataset: labels from .cls or from the json field, pixels as written.
+  for (const std::string field : {"", "n"}) {
+    WebDataset theirs((dir_ / "s" / "theirs.tar").string(), field, 1, BadImagePolicy::fail);
+    ASSERT_EQ(theirs.size(), 3);
+    for (int64_t i = 0; i < 3; ++i) {
+      const Sample s = theirs.get(i);
+      EXPECT_EQ(s.label, i);
+      ASSERT_EQ(s.image.sizes(), (c10::IntArrayRef{1, 4, 5}));
+      EXPECT_TRUE(torch::equal(s.image, torch::full({1, 4, 5}, i, torch::kUInt8))) << i;
+    }
+  }
+}
+
+// Training reads the shards: data.dataset = "webdataset" with the quickstart model, a few steps.
+TEST_F(DataPack, TrainingReadsTheShards) {
+  ASSERT_EQ(run(pack("t", 512, 100), "pack.log"), 0) << slurp(dir_ / "pack.log");
+  const std::string args = fmt::format(
+      "train --config {}/configs/quickstart.json --device cpu --set data.dataset=webdataset --set data.path={} "
+      "--set data.shuffle_buffer=64 --set train.max_steps=4 --set logging.log_every=2 --set logging.sample_every=0 "
+      "--set sampling.num_final_samples=0 --set run.output_dir={}",
+      test::source_dir(), (dir_ / "t").string(), (dir_ / "runs").string());
+  ASSERT_EQ(run(args, "train.log"), 0) << slurp(dir_ / "train.log");
+  EXPECT_NE(slurp(dir_ / "train.log").find("WebDataset " + (dir_ / "t").string() + ": 512 samples in 6 shard(s), 10 classes"),
+            std::string::npos)
+      << slurp(dir_ / "train.log");
+  EXPECT_TRUE(fs::exists(dir_ / "runs" / "quickstart" / "checkpoints" / "step_00000004" / "manifest.json"));
 }
 
 TEST_F(DataPack, BadArgumentsAreNamed) {
   EXPECT_EQ(run(pack("x", 10, 0), "zero.log"), 1);
   EXPECT_NE(slurp(dir_ / "zero.log").find("--shard-size 0: must be at least 1"), std::string::npos) << slurp(dir_ / "zero.log");
   EXPECT_EQ(run("data pack --from nope --path . --out " + (dir_ / "y").string(), "from.log"), 1);
-  EXPECT_NE(slurp(dir_ / "from.log").find("allowed: idx | cifar10 | image_folder"), std::string::npos)
+  EXPECT_NE(slurp(dir_ / "from.log").find("allowed: idx | cifar10 | image_folder | webdataset"), std::string::npos)
       << slurp(dir_ / "from.log");
   EXPECT_EQ(run("data pack --from idx --path " + (dir_ / "missing").string() + " --out " + (dir_ / "z").string(), "missing.log"),
             2);

@@ -1,0 +1,245 @@
+#include "difftrain/webdataset.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/randperm.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
+#include "difftrain/data_formats.h"
+#include "difftrain/log.h"
+#include "difftrain/rng.h"
+#include "difftrain/tar.h"
+
+namespace difftrain {
+
+namespace fs = std::filesystem;
+using formats::FormatError;
+
+namespace {
+
+// `a{000..012}b` -> a000b ... a012b (zero-padded to the endpoints' width when they have the same
+// width, as braceexpand does); several groups expand left to right.
+std::vector<std::string> expand_braces(const std::string& spec) {
+  const auto open = spec.find('{');
+  if (open == std::string::npos) return {spec};
+  const auto close = spec.find('}', open);
+  const auto dots = spec.find("..", open);
+  if (close == std::string::npos || dots == std::string::npos || dots > close)
+    throw FormatError(
+        fmt::format("data.path {}: a brace pattern is {{FIRST..LAST}} with numbers, e.g. "
+                    "shards/train-{{000000..000127}}.tar",
+                    spec));
+  const std::string a = spec.substr(open + 1, dots - open - 1), b = spec.substr(dots + 2, close - dots - 2);
+  auto digits = [](const std::string& s) { return !s.empty() && s.size() <= 12 && std::all_of(s.begin(), s.end(), ::isdigit); };
+  if (!digits(a) || !digits(b) || std::stoll(a) > std::stoll(b) || std::stoll(b) - std::stoll(a) > 10'000'000)
+    throw FormatError(fmt::format("data.path {}: the range {{{}..{}}} is not FIRST..LAST with FIRST <= LAST", spec, a, b));
+  const size_t width = a.size() == b.size() ? a.size() : 0;
+  std::vector<std::string> out;
+  for (long long i = std::stoll(a); i <= std::stoll(b); ++i)
+    for (auto& rest : expand_braces(spec.substr(close + 1)))
+      out.push_back(spec.substr(0, open) + fmt::format("{:0{}d}", i, width) + rest);
+  return out;
+}
+
+bool is_image_extension(const std::string& ext) { return ext == "png" || ext == "jpg" || ext == "jpeg"; }
+
+int64_t parse_label(const std::string& text, const std::string& where) {
+  size_t i = 0;
+  while (i < text.size() && std::isspace(static_cast<unsigned char>(text[i]))) ++i;
+  size_t j = text.size();
+  while (j > i && std::isspace(static_cast<unsigned char>(text[j - 1]))) --j;
+  const std::string t = text.substr(i, j - i);
+  if (t.empty() || t.size() > 9 || !std::all_of(t.begin(), t.end(), ::isdigit))
+    throw FormatError(fmt::format("{}: the label '{}' is not a class number 0..999999999", where, t.substr(0, 40)));
+  return std::stoll(t);
+}
+
+}  // namespace
+
+std::vector<std::string> resolve_shards(const std::string& spec) {
+  std::vector<std::string> shards;
+  std::string what = "the pattern";
+  std::error_code ec;
+  if (spec.find('{') != std::string::npos) {
+    shards = expand_braces(spec);
+  } else if (fs::is_directory(spec, ec)) {
+    for (const auto& e : fs::directory_iterator(spec, ec))
+      if (e.is_regular_file() && e.path().extension() == ".tar") shards.push_back(e.path().string());
+    std::sort(shards.begin(), shards.end());
+    if (shards.empty()) throw FormatError(fmt::format("data.path {}: a directory without .tar shards", spec));
+  } else if (fs::is_regular_file(spec, ec) && fs::path(spec).extension() == ".tar") {
+    shards = {spec};
+  } else if (fs::is_regular_file(spec, ec)) {  // a list, one shard per line; '#' starts a comment
+    std::ifstream in(spec);
+    std::string line;
+    const fs::path base = fs::path(spec).parent_path();
+    while (std::getline(in, line)) {
+      line = line.substr(0, line.find('#'));
+      line.erase(0, line.find_first_not_of(" \t\r"));
+      line.erase(line.find_last_not_of(" \t\r") + 1);
+      if (!line.empty()) shards.push_back(fs::path(line).is_absolute() ? line : (base / line).string());
+    }
+    what = "the list";
+    if (shards.empty()) throw FormatError(fmt::format("data.path {}: the shard list names no shard", spec));
+  } else {
+    throw FormatError(fmt::format("data.path {}: no such directory, shard, shard list or brace pattern", spec));
+  }
+  for (const auto& s : shards)
+    if (!fs::is_regular_file(s, ec))
+      throw FormatError(fmt::format("data.path {}: shard {} named by {} does not exist", spec, s, what));
+  return shards;
+}
+
+std::vector<int64_t> buffer_shuffle(const std::vector<int64_t>& items, int64_t buffer, uint64_t seed) {
+  std::vector<int64_t> out, pool;
+  out.reserve(items.size());
+  uint64_t state = seed;
+  auto pick = [&](size_t n) { return static_cast<size_t>(splitmix64(state++) % n); };
+  for (int64_t item : items) {
+    if (static_cast<int64_t>(pool.size()) < buffer) {
+      pool.push_back(item);
+      continue;
+    }
+    const size_t k = pick(pool.size());  // emit a random buffered item, keep the new one in its place
+    out.push_back(pool[k]);
+    pool[k] = item;
+  }
+  while (!pool.empty()) {
+    const size_t k = pick(pool.size());
+    out.push_back(pool[k]);
+    pool[k] = pool.back();
+    pool.pop_back();
+  }
+  return out;
+}
+
+WebDataset::WebDataset(const std::string& spec, std::string label_field, int64_t shuffle_buffer, BadImagePolicy policy)
+    : spec_(spec), label_field_(std::move(label_field)), shuffle_buffer_(shuffle_buffer), policy_(policy) {
+  shards_ = resolve_shards(spec);
+  int64_t without_image = 0;
+  for (size_t s = 0; s < shards_.size(); ++s) {
+    const int64_t first = size();
+    std::ifstream in(shards_[s], std::ios::binary);
+    if (!in) throw FormatError(fmt::format("{}: cannot open", shards_[s]));
+    formats::TarReader tar(in, shards_[s], uint64_t{1} << 28);
+    std::string key;
+    Place place;
+    bool has_image = false, has_label = false;
+    auto finish = [&] {
+      if (key.empty()) return;
+      if (!has_image) ++without_image;
+      else samples_.push_back(place);
+      key.clear();
+      place = Place{};
+      has_image = has_label = false;
+    };
+    try {
+      formats::TarMember m;
+      while (tar.next(m)) {
+        const auto name = formats::split_wds_name(m.name);
+        if (name.key != key) {
+          finish();
+          key = name.key;
+          place.shard = static_cast<int32_t>(s);
+        }
+        const std::string where = shards_[s] + ": " + m.name;
+        if (is_image_extension(name.extension) && !has_image) {
+          place.offset = m.offset, place.size = m.size, place.member = m.name;
+          has_image = true;
+        } else if (label_field_.empty() && name.extension == "cls") {
+          const auto data = tar.read_data();
+          place.label = parse_label(std::string(data.begin(), data.end()), where);
+          has_label = true;
+        } else if (!label_field_.empty() && name.extension == "json") {
+          const auto data = tar.read_data();
+          const auto j = nlohmann::json::parse(data.begin(), data.end(), nullptr, /*allow_exceptions=*/false);
+          if (j.is_discarded() || !j.is_object()) throw FormatError(fmt::format("{}: not a JSON object", where));
+          const auto it = j.find(label_field_);
+          if (it == j.end() || !it->is_number_integer() || it->get<int64_t>() < 0)
+            throw FormatError(fmt::format("{}: no non-negative integer field \"{}\" (data.label_field)", where, label_field_));
+          place.label = it->get<int64_t>();
+          has_label = true;
+        }
+      }
+      finish();
+    } catch (const FormatError& e) {
+      if (policy_ == BadImagePolicy::fail)
+        throw FormatError(std::string(e.what()) +
+                          " (set data.on_bad_image = \"skip\" to keep the shard's samples before the damage)");
+      left_out_.push_back(e.what());
+    }
+    ranges_.emplace_back(first, size());
+  }
+  if (!left_out_.empty())
+    log_warn("data.path {}: {} damaged shard(s), read up to the damage (data.on_bad_image = \"skip\"):\n  {}", spec,
+             left_out_.size(), fmt::join(left_out_, "\n  "));
+  if (without_image > 0) log_warn("data.path {}: {} sample(s) without a png/jpg/jpeg member left out", spec, without_image);
+  if (samples_.empty())
+    throw FormatError(fmt::format("data.path {}: no sample with an image in {} shard(s)", spec, shards_.size()));
+  const bool labelled = std::any_of(samples_.begin(), samples_.end(), [](const Place& p) { return p.label >= 0; });
+  if (labelled) {
+    for (const auto& p : samples_) num_classes_ = std::max(num_classes_, p.label + 1);
+    for (const auto& p : samples_)
+      if (p.label < 0)
+        throw FormatError(
+            fmt::format("{}: {} has no label while other samples have one", shards_[static_cast<size_t>(p.shard)], p.member));
+  }
+}
+
+Sample WebDataset::read(const Place& p) const {
+  const auto& shard = shards_[static_cast<size_t>(p.shard)];
+  std::ifstream in(shard, std::ios::binary);
+  std::vector<uint8_t> bytes(static_cast<size_t>(p.size));
+  in.seekg(static_cast<std::streamoff>(p.offset));
+  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  if (!in) throw FormatError(fmt::format("{}: {}: cannot read {} bytes at offset {}", shard, p.member, p.size, p.offset));
+  const auto img = formats::decode_image(bytes.data(), bytes.size(), shard + ": " + p.member);
+  auto t = at::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.channels, img.height, img.width},
+                         at::TensorOptions().dtype(at::kByte))
+               .clone();
+  return {t, p.label};
+}
+
+Sample WebDataset::get(int64_t index) const {
+  const int64_t n = size();
+  for (int64_t attempt = 0; attempt < n; ++attempt) {
+    const auto& p = samples_.at(static_cast<size_t>((index + attempt) % n));
+    try {
+      return read(p);
+    } catch (const FormatError& e) {
+      if (policy_ == BadImagePolicy::fail)
+        throw FormatError(std::string(e.what()) + " (set data.on_bad_image = \"skip\" to skip such images)");
+      ++skipped_;
+      log_warn("skipping an undecodable image: {}", e.what());
+    }
+  }
+  throw FormatError(fmt::format("data.path {}: none of the {} images could be decoded", spec_, n));
+}
+
+std::string WebDataset::describe() const {
+  return fmt::format("WebDataset {}: {} samples in {} shard(s), {}{}", spec_, samples_.size(), shards_.size(),
+                     num_classes_ ? fmt::format("{} classes", num_classes_) : std::string("unlabelled"),
+                     left_out_.empty() ? "" : fmt::format(" ({} damaged shard(s) cut short)", left_out_.size()));
+}
+
+// Epoch e: the shards in a permutation of (seed, e), each front to back, through the shuffle buffer.
+std::vector<int64_t> WebDataset::epoch_order(uint64_t seed, int64_t epoch) const {
+  auto gen = at::detail::createCPUGenerator(seed + static_cast<uint64_t>(epoch));
+  const auto perm = at::randperm(static_cast<int64_t>(ranges_.size()), gen, at::TensorOptions().dtype(at::kLong));
+  std::vector<int64_t> stream;
+  stream.reserve(samples_.size());
+  for (int64_t k = 0; k < perm.numel(); ++k) {
+    const auto& [first, last] = ranges_[static_cast<size_t>(perm[k].item<int64_t>())];
+    for (int64_t i = first; i < last; ++i) stream.push_back(i);
+  }
+  // Its own seed stream per epoch (3 * 2^32 + e), apart from the per-rank and global-batch streams (rng.h).
+  return buffer_shuffle(stream, shuffle_buffer_, derive_seed(seed, (uint64_t{3} << 32) + static_cast<uint64_t>(epoch)));
+}
+
+}  // namespace difftrain
