@@ -23,6 +23,10 @@ using formats::FormatError;
 
 namespace {
 
+bool all_digits(const std::string& s) {  // ASCII digits only (std::isdigit takes no negative chars)
+  return std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
 // `a{000..012}b` -> a000b ... a012b (zero-padded to the endpoints' width when they have the same
 // width, as braceexpand does); several groups expand left to right.
 std::vector<std::string> expand_braces(const std::string& spec) {
@@ -36,7 +40,7 @@ std::vector<std::string> expand_braces(const std::string& spec) {
                     "shards/train-{{000000..000127}}.tar",
                     spec));
   const std::string a = spec.substr(open + 1, dots - open - 1), b = spec.substr(dots + 2, close - dots - 2);
-  auto digits = [](const std::string& s) { return !s.empty() && s.size() <= 12 && std::all_of(s.begin(), s.end(), ::isdigit); };
+  auto digits = [](const std::string& s) { return !s.empty() && s.size() <= 12 && all_digits(s); };
   if (!digits(a) || !digits(b) || std::stoll(a) > std::stoll(b) || std::stoll(b) - std::stoll(a) > 10'000'000)
     throw FormatError(fmt::format("data.path {}: the range {{{}..{}}} is not FIRST..LAST with FIRST <= LAST", spec, a, b));
   const size_t width = a.size() == b.size() ? a.size() : 0;
@@ -55,7 +59,7 @@ int64_t parse_label(const std::string& text, const std::string& where) {
   size_t j = text.size();
   while (j > i && std::isspace(static_cast<unsigned char>(text[j - 1]))) --j;
   const std::string t = text.substr(i, j - i);
-  if (t.empty() || t.size() > 9 || !std::all_of(t.begin(), t.end(), ::isdigit))
+  if (t.empty() || t.size() > 9 || !all_digits(t))
     throw FormatError(fmt::format("{}: the label '{}' is not a class number 0..999999999", where, t.substr(0, 40)));
   return std::stoll(t);
 }
