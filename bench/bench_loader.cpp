@@ -1,6 +1,9 @@
 // Loader throughput, batches/s and images/s after warm-up, for each mode on one config's data.
-//   bench_loader [CONFIG] [BATCHES]      (defaults: configs/quickstart.json, 200)
-// Prints one JSON object per mode; scripts/bench/loader.sh adds the PyTorch DataLoader baseline.
+//   bench_loader [CONFIG] [BATCHES] [KEY=VALUE ...]   (defaults: configs/quickstart.json, 200;
+//   overrides as difftrain's --set, e.g. data.dataset=webdataset data.path=shards)
+// Prints one JSON object per mode (preload only for in-memory datasets); scripts/bench/loader.sh
+// adds the PyTorch DataLoader baselines.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -9,12 +12,18 @@
 
 #include "difftrain/config.h"
 #include "difftrain/data.h"
+#include "difftrain/enums.h"
 
 int main(int argc, char** argv) try {
   using namespace difftrain;
-  const Config cfg = load_config(argc > 1 ? argv[1] : "configs/quickstart.json");
+  const Config cfg = load_config(argc > 1 ? argv[1] : "configs/quickstart.json",
+                                 std::vector<std::string>(argv + std::min(argc, 3), argv + argc));
   const int64_t batches = argc > 2 ? std::stoll(argv[2]) : 200;
+  const auto open = std::chrono::steady_clock::now();
   const auto dataset = open_dataset(cfg.data);
+  const double open_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - open).count();
+  const bool streamed = cfg.data.dataset == DatasetKind::webdataset || cfg.data.dataset == DatasetKind::image_folder;
+  const std::string source = to_string(cfg.data.dataset);
   struct Mode {
     const char* name;
     int64_t workers;
@@ -22,6 +31,7 @@ int main(int argc, char** argv) try {
   };
   for (const Mode& m : {Mode{"workers=0", 0, false}, Mode{"workers=1", 1, false}, Mode{"workers=2", 2, false},
                         Mode{"preload", 0, true}}) {
+    if (m.preload && streamed) continue;  // preloading defeats the point of streaming from files
     LoaderOptions o;
     o.batch_size = cfg.train.batch_size;
     o.seed = 0;
@@ -37,9 +47,13 @@ int main(int argc, char** argv) try {
     for (int64_t i = 0; i < batches; ++i) loader.next();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     const double setup_s = std::chrono::duration<double>(start - setup).count();
-    std::printf("%s\n", fmt::format(R"({{"impl": "difftrain", "mode": "{}", "batch": {}, "batches_per_s": {:.1f}, "images_per_s": {:.0f}, "setup_s": {:.2f}}})",
-                                    m.name, o.batch_size, static_cast<double>(batches) / s,
-                                    static_cast<double>(batches * o.batch_size) / s, setup_s).c_str());
+    std::printf(
+        "%s\n",
+        fmt::format(
+            R"({{"impl": "difftrain", "data": "{}", "mode": "{}", "batch": {}, "batches_per_s": {:.1f}, "images_per_s": {:.0f}, "open_s": {:.2f}, "setup_s": {:.2f}}})",
+            source, m.name, o.batch_size, static_cast<double>(batches) / s, static_cast<double>(batches * o.batch_size) / s,
+            open_s, setup_s)
+            .c_str());
     std::fflush(stdout);
   }
   return 0;

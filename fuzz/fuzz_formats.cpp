@@ -28,13 +28,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
   const std::vector<uint8_t> bytes(data + 1, data + size);
   try {
-    switch (data[0] % 6) {
+    switch (data[0] % 7) {
       case 0: difftrain::formats::parse_idx_images(bytes, "fuzz"); break;
       case 1: difftrain::formats::parse_idx_labels(bytes, "fuzz"); break;
       case 2: difftrain::formats::parse_cifar10(bytes, "fuzz"); break;
       case 3: difftrain::formats::decode_image(bytes.data(), bytes.size(), "fuzz"); break;
       case 4: difftrain::formats::parse_idx_images(difftrain::formats::gunzip(bytes, "fuzz", size_t{1} << 24), "fuzz"); break;
       case 5: read_tar(bytes); break;
+      case 6: difftrain::formats::decode_image(bytes.data(), bytes.size(), "fuzz", 16); break;  // JPEG at a DCT scale
     }
   } catch (const difftrain::formats::FormatError&) {
   }

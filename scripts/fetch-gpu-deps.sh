@@ -8,7 +8,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest=${1:-$root/.gpu-deps}
 case $dest in /*) ;; *) dest=$PWD/$dest ;; esac
-packages=(libcli11-dev libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 nlohmann-json3-dev libgtest-dev libgloo-dev zlib1g-dev libstb-dev libstb0)
+packages=(libcli11-dev libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 nlohmann-json3-dev libgtest-dev libgloo-dev zlib1g-dev libstb-dev libstb0 libturbojpeg0-dev libturbojpeg0)
 rm -rf "$dest" && mkdir -p "$dest/debs" "$dest/root"
 (cd "$dest/debs" && apt-get download "${packages[@]}")
 for deb in "$dest"/debs/*.deb; do dpkg -x "$deb" "$dest/root"; done

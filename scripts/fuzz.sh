@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes the dataset readers (IDX, gzip, CIFAR-10, PNG/JPEG through stb_image, tar) with libFuzzer,
+# Fuzzes the dataset readers (IDX, gzip, CIFAR-10, PNG through stb_image, JPEG through libjpeg-turbo, tar) with libFuzzer,
 # AddressSanitizer and UBSan for a bounded time. Not part of `make test`.
 #   scripts/fuzz.sh [SECONDS]     (default 120)
 # Needs clang and libclang-rt-dev (libFuzzer); installs them on Debian when missing.
@@ -14,7 +14,7 @@ if ! command -v clang++ >/dev/null || ! ls /usr/lib/llvm-*/lib/clang/*/lib/linux
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends clang libclang-rt-dev
 fi
 clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -I"$root/include" "$root/fuzz/fuzz_formats.cpp" "$root/src/data_formats.cpp" "$root/src/tar.cpp" -lz -lstb -o "$out/fuzz_formats"
+  -I"$root/include" "$root/fuzz/fuzz_formats.cpp" "$root/src/data_formats.cpp" "$root/src/jpeg.cpp" "$root/src/tar.cpp" -lz -lstb -lturbojpeg -o "$out/fuzz_formats"
 # Seeds: one valid file of each kind, made with the venv's Python if it is there.
 python=${PYTHON:-$root/.venv/bin/python}
 if [ -x "$python" ]; then
@@ -39,6 +39,12 @@ try:
         buf = io.BytesIO()
         Image.new("RGB", (5, 4), (10, 20, 30)).save(buf, format=fmt)
         open(f"{out}/img_{fmt}", "wb").write(b"\x03" + buf.getvalue())
+    # JPEGs for the DCT-scaled decode: 4:2:0, gray, progressive, CMYK, restart markers.
+    for name, mode, opts in [("420", "RGB", {}), ("gray", "L", {}), ("prog", "RGB", {"progressive": True}),
+                             ("cmyk", "CMYK", {}), ("rst", "RGB", {"restart_marker_blocks": 2})]:
+        buf = io.BytesIO()
+        Image.linear_gradient("L").resize((64, 48)).convert(mode).save(buf, format="JPEG", quality=75, **opts)
+        open(f"{out}/jpeg_{name}", "wb").write(b"\x06" + buf.getvalue())
 except ImportError:
     pass
 PY

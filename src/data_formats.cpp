@@ -256,8 +256,13 @@ ImageInfo check_image_file(const std::string& path) {
   }
 }
 
-Image decode_image(const uint8_t* data, size_t size, const std::string& name) {
+Image decode_image(const uint8_t* data, size_t size, const std::string& name, int64_t jpeg_min_side) {
   check_image(data, size, name);
+  return is_jpeg(data, size) ? decode_jpeg(data, size, name, jpeg_min_side) : decode_stb(data, size, name);
+}
+
+Image decode_stb(const uint8_t* data, size_t size, const std::string& name) {
+  if (size >= (size_t{1} << 31)) throw FormatError(name + ": more than the 2 GiB an image may have");
   int w = 0, h = 0, c = 0;
   std::unique_ptr<stbi_uc, void (*)(void*)> px(stbi_load_from_memory(data, static_cast<int>(size), &w, &h, &c, 0), stbi_image_free);
   if (!px) throw FormatError(name + ": cannot decode image (" + stb_reason() + ")");

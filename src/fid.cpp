@@ -223,6 +223,8 @@ std::string reference_key(const DataConfig& d, const std::string& feature_net_sh
                               {"subset", d.subset},
                               {"class_filter", d.class_filter},
                               {"crop", "center"}};
+  if (d.dataset == DatasetKind::image_folder || d.dataset == DatasetKind::webdataset)  // JPEG pixels depend on it
+    j["jpeg_dct_scaling"] = d.jpeg_dct_scaling;
   return j.dump();
 }
 

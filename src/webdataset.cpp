@@ -1,6 +1,13 @@
 #include "difftrain/webdataset.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -43,11 +50,12 @@ std::vector<std::string> expand_braces(const std::string& spec) {
   auto digits = [](const std::string& s) { return !s.empty() && s.size() <= 12 && all_digits(s); };
   if (!digits(a) || !digits(b) || std::stoll(a) > std::stoll(b) || std::stoll(b) - std::stoll(a) > 10'000'000)
     throw FormatError(fmt::format("data.path {}: the range {{{}..{}}} is not FIRST..LAST with FIRST <= LAST", spec, a, b));
+  const long long first = std::stoll(a), last = std::stoll(b);
   const size_t width = a.size() == b.size() ? a.size() : 0;
   std::vector<std::string> out;
-  for (long long i = std::stoll(a); i <= std::stoll(b); ++i)
-    for (auto& rest : expand_braces(spec.substr(close + 1)))
-      out.push_back(spec.substr(0, open) + fmt::format("{:0{}d}", i, width) + rest);
+  const auto rests = expand_braces(spec.substr(close + 1));
+  for (long long i = first; i <= last; ++i)
+    for (const auto& rest : rests) out.push_back(spec.substr(0, open) + fmt::format("{:0{}d}", i, width) + rest);
   return out;
 }
 
@@ -63,6 +71,41 @@ int64_t parse_label(const std::string& text, const std::string& where) {
     throw FormatError(fmt::format("{}: the label '{}' is not a class number 0..999999999", where, t.substr(0, 40)));
   return std::stoll(t);
 }
+
+// Each thread keeps its last few shards open: the stream goes shard by shard (mixed only across
+// the shuffle buffer), so this saves an open() per sample, which on a network filesystem costs
+// more than decoding a small image. Keyed by dataset instance, never reused, so a shard
+// rewritten for a new WebDataset is opened afresh.
+class OpenShards {
+ public:
+  OpenShards(const OpenShards&) = delete;
+  OpenShards& operator=(const OpenShards&) = delete;
+  OpenShards() = default;
+  ~OpenShards() {
+    for (auto& e : entries_)
+      if (e.fd >= 0) ::close(e.fd);
+  }
+  // The descriptor of shard `shard` of dataset `instance`, or -1 with errno set.
+  int get(uint64_t instance, int32_t shard, const std::string& path) {
+    for (auto& e : entries_)
+      if (e.fd >= 0 && e.instance == instance && e.shard == shard) return e.fd;
+    auto& e = entries_[next_++ % entries_.size()];
+    if (e.fd >= 0) ::close(e.fd);
+    e = {instance, shard, ::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+    return e.fd;
+  }
+
+ private:
+  struct Entry {
+    uint64_t instance = 0;
+    int32_t shard = -1;
+    int fd = -1;
+  };
+  std::array<Entry, 4> entries_;
+  size_t next_ = 0;
+};
+
+std::atomic<uint64_t> next_instance{0};
 
 }  // namespace
 
@@ -123,8 +166,14 @@ std::vector<int64_t> buffer_shuffle(const std::vector<int64_t>& items, int64_t b
   return out;
 }
 
-WebDataset::WebDataset(const std::string& spec, std::string label_field, int64_t shuffle_buffer, BadImagePolicy policy)
-    : spec_(spec), label_field_(std::move(label_field)), shuffle_buffer_(shuffle_buffer), policy_(policy) {
+WebDataset::WebDataset(const std::string& spec, std::string label_field, int64_t shuffle_buffer, BadImagePolicy policy,
+                       int64_t jpeg_min_side)
+    : spec_(spec),
+      label_field_(std::move(label_field)),
+      shuffle_buffer_(shuffle_buffer),
+      policy_(policy),
+      jpeg_min_side_(jpeg_min_side),
+      instance_(next_instance++) {
   shards_ = resolve_shards(spec);
   int64_t without_image = 0;
   for (size_t s = 0; s < shards_.size(); ++s) {
@@ -197,13 +246,20 @@ WebDataset::WebDataset(const std::string& spec, std::string label_field, int64_t
 }
 
 Sample WebDataset::read(const Place& p) const {
+  thread_local OpenShards open_shards;
   const auto& shard = shards_[static_cast<size_t>(p.shard)];
-  std::ifstream in(shard, std::ios::binary);
+  const int fd = open_shards.get(instance_, p.shard, shard);
+  if (fd < 0) throw FormatError(fmt::format("{}: cannot open ({})", shard, std::strerror(errno)));
   std::vector<uint8_t> bytes(static_cast<size_t>(p.size));
-  in.seekg(static_cast<std::streamoff>(p.offset));
-  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  if (!in) throw FormatError(fmt::format("{}: {}: cannot read {} bytes at offset {}", shard, p.member, p.size, p.offset));
-  const auto img = formats::decode_image(bytes.data(), bytes.size(), shard + ": " + p.member);
+  for (size_t got = 0; got < bytes.size();) {
+    const ssize_t r = ::pread(fd, bytes.data() + got, bytes.size() - got, static_cast<off_t>(p.offset + got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0)
+      throw FormatError(fmt::format("{}: {}: cannot read {} bytes at offset {} ({})", shard, p.member, p.size, p.offset,
+                                    r < 0 ? std::strerror(errno) : "the shard shrank"));
+    got += static_cast<size_t>(r);
+  }
+  const auto img = formats::decode_image(bytes.data(), bytes.size(), shard + ": " + p.member, jpeg_min_side_);
   auto t = at::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.channels, img.height, img.width},
                          at::TensorOptions().dtype(at::kByte))
                .clone();
@@ -211,19 +267,8 @@ Sample WebDataset::read(const Place& p) const {
 }
 
 Sample WebDataset::get(int64_t index) const {
-  const int64_t n = size();
-  for (int64_t attempt = 0; attempt < n; ++attempt) {
-    const auto& p = samples_.at(static_cast<size_t>((index + attempt) % n));
-    try {
-      return read(p);
-    } catch (const FormatError& e) {
-      if (policy_ == BadImagePolicy::fail)
-        throw FormatError(std::string(e.what()) + " (set data.on_bad_image = \"skip\" to skip such images)");
-      ++skipped_;
-      log_warn("skipping an undecodable image: {}", e.what());
-    }
-  }
-  throw FormatError(fmt::format("data.path {}: none of the {} images could be decoded", spec_, n));
+  return read_or_skip(index, size(), policy_, skipped_, "data.path " + spec_,
+                      [&](int64_t k) { return read(samples_.at(static_cast<size_t>(k))); });
 }
 
 std::string WebDataset::describe() const {
@@ -238,8 +283,9 @@ std::vector<int64_t> WebDataset::epoch_order(uint64_t seed, int64_t epoch) const
   const auto perm = at::randperm(static_cast<int64_t>(ranges_.size()), gen, at::TensorOptions().dtype(at::kLong));
   std::vector<int64_t> stream;
   stream.reserve(samples_.size());
+  const int64_t* order = perm.data_ptr<int64_t>();
   for (int64_t k = 0; k < perm.numel(); ++k) {
-    const auto& [first, last] = ranges_[static_cast<size_t>(perm[k].item<int64_t>())];
+    const auto& [first, last] = ranges_[static_cast<size_t>(order[k])];
     for (int64_t i = first; i < last; ++i) stream.push_back(i);
   }
   // Its own seed stream per epoch (3 * 2^32 + e), apart from the per-rank and global-batch streams (rng.h).

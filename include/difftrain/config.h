@@ -143,6 +143,7 @@ struct DataConfig {
   CropMode crop = CropMode::center;
   bool random_flip = false;
   bool allow_upscale = true;
+  bool jpeg_dct_scaling = true;
   BadImagePolicy on_bad_image = BadImagePolicy::fail;
   int64_t subset = 0;
   std::vector<int> class_filter = {};
@@ -166,6 +167,9 @@ struct DataConfig {
     v("crop", crop, "Crop to a square: center, or random per sample.");
     v("random_flip", random_flip, "Random horizontal flip.");
     v("allow_upscale", allow_upscale, "Allow images smaller than the resolution to be scaled up (else an error).");
+    v("jpeg_dct_scaling", jpeg_dct_scaling,
+      "Decode a large JPEG at the smallest DCT-domain scale n/8 (libjpeg-turbo) whose shorter side is still >= the "
+      "resolution, then resize as usual: several times faster; false = decode at full size (PIL's pixels without draft).");
     v("on_bad_image", on_bad_image,
       "Bad files in an image folder (all checked at start: empty, not PNG/JPEG, truncated, too "
       "small without allow_upscale; or failing to decode later), or in webdataset shards (a damaged tar: read up to the "

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -55,14 +56,21 @@ class ArrayDataset : public Dataset {
   std::string description_;
 };
 
+// Item `index` through `read`; when it throws a FormatError, with BadImagePolicy::skip the next
+// item that reads (wrapping around), counting and logging each skip in `skipped`; with fail the
+// error, plus the hint to skip. `what` names the dataset when none of the `n` items reads.
+Sample read_or_skip(int64_t index, int64_t n, BadImagePolicy policy, std::atomic<int64_t>& skipped, const std::string& what,
+                    const std::function<Sample(int64_t)>& read);
+
 // A folder of PNG/JPEG files. Labels come from the sorted subfolder names; a flat folder is
 // unlabelled. Every file's header is checked at construction (formats::check_image_file), and
 // so is its shorter side against `min_side` (data.resolution when upscaling is not allowed); the
 // bad ones are all named in one error, or with BadImagePolicy::skip left out and listed in the
 // log. Files are decoded on demand; `on_bad_image` also says what one that then fails does.
+// `jpeg_min_side` > 0 lets JPEGs decode smaller (formats::decode_jpeg; data.jpeg_dct_scaling).
 class ImageFolderDataset : public Dataset {
  public:
-  ImageFolderDataset(const std::string& root, BadImagePolicy on_bad_image, int64_t min_side = 0);
+  ImageFolderDataset(const std::string& root, BadImagePolicy on_bad_image, int64_t min_side = 0, int64_t jpeg_min_side = 0);
   int64_t size() const override { return static_cast<int64_t>(files_.size()); }
   Sample get(int64_t index) const override;  // a skipped image is replaced by the next good one
   int64_t label(int64_t index) const override { return labels_.at(static_cast<size_t>(index)); }
@@ -79,6 +87,7 @@ class ImageFolderDataset : public Dataset {
   std::vector<std::string> classes_;
   std::string root_;
   BadImagePolicy policy_;
+  int64_t jpeg_min_side_;
   mutable std::atomic<int64_t> skipped_{0};
 };
 

@@ -1,5 +1,6 @@
 // Dataset file formats, parsed from bytes with no LibTorch: IDX (MNIST, Fashion-MNIST; gzip or
-// raw), CIFAR-10 binary batches, and PNG/JPEG through stb_image (PNG out through stb_image_write). Every malformed input is a
+// raw), CIFAR-10 binary batches, JPEG through libjpeg-turbo and PNG through stb_image (PNG out
+// through stb_image_write). Every malformed input is a
 // FormatError naming the file and, where it helps, the byte offset; nothing here may crash on
 // bad bytes (fuzz/fuzz_formats.cpp checks that).
 #pragma once
@@ -55,13 +56,24 @@ struct ImageInfo {
 // Checks an image without decoding its pixels: not empty, a PNG or JPEG signature, a header
 // stb_image reads, dimensions plausible for the file size and within 16:1, and for PNG the IEND
 // chunk that ends the file (a truncated PNG lacks it). Damage inside the compressed data shows
-// only when decoding; a truncated JPEG is not caught (stb_image decodes what is there).
+// only when decoding (a truncated JPEG too: decode_jpeg refuses it).
 ImageInfo check_image(const uint8_t* data, size_t size, const std::string& name);
 // The same check on a file, reading only its first 64 KiB and last 12 bytes.
 ImageInfo check_image_file(const std::string& path);
 
-// PNG or JPEG, with its own channel count; check_image first, so its errors come first.
-Image decode_image(const uint8_t* data, size_t size, const std::string& name);
+// PNG (stb_image) or JPEG (decode_jpeg), with its own channel count; check_image first, so its
+// errors come first. `jpeg_min_side` > 0 lets a JPEG decode smaller, as in decode_jpeg.
+Image decode_image(const uint8_t* data, size_t size, const std::string& name, int64_t jpeg_min_side = 0);
+
+// A JPEG through libjpeg-turbo (src/jpeg.cpp): gray as 1 channel, else RGB (CMYK converted as
+// PIL's convert("RGB")). With min_side > 0 it decodes at the smallest DCT-domain scale n/8 (n = 1..8) whose
+// shorter side is still >= min_side, which for large images is several times faster than a
+// full decode (PIL's Image.draft does the same in steps of 1/2). The same pixels as PIL for the
+// same scale: the accurate integer IDCT and smooth chroma upsampling. A cut-short file is an error.
+Image decode_jpeg(const uint8_t* data, size_t size, const std::string& name, int64_t min_side = 0);
+
+// A PNG or JPEG through stb_image, without check_image (the fallback, and the benchmark's baseline).
+Image decode_stb(const uint8_t* data, size_t size, const std::string& name);
 
 // The order of `pixels` given to encode_png: planes (CHW, as Image) or interleaved (HWC).
 enum class PixelLayout { kCHW, kHWC };

@@ -32,7 +32,9 @@ std::vector<int64_t> buffer_shuffle(const std::vector<int64_t>& items, int64_t b
 
 class WebDataset : public Dataset {
  public:
-  WebDataset(const std::string& spec, std::string label_field, int64_t shuffle_buffer, BadImagePolicy on_bad_image);
+  // `jpeg_min_side` > 0 lets JPEGs decode smaller (formats::decode_jpeg; data.jpeg_dct_scaling).
+  WebDataset(const std::string& spec, std::string label_field, int64_t shuffle_buffer, BadImagePolicy on_bad_image,
+             int64_t jpeg_min_side = 0);
   int64_t size() const override { return static_cast<int64_t>(samples_.size()); }
   Sample get(int64_t index) const override;  // a skipped image is replaced by the next good one
   int64_t label(int64_t index) const override { return samples_.at(static_cast<size_t>(index)).label; }
@@ -59,6 +61,8 @@ class WebDataset : public Dataset {
   int64_t shuffle_buffer_;
   int64_t num_classes_ = 0;
   BadImagePolicy policy_;
+  int64_t jpeg_min_side_;
+  uint64_t instance_;  // unique per WebDataset: the key of each thread's open shard (read)
   mutable std::atomic<int64_t> skipped_{0};
 };
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """PyTorch DataLoader baseline for bench_loader: the same Fashion-MNIST IDX files, the same
-per-sample work (28 -> 32 bilinear resize, random flip, [-1, 1]), batch 64, drop_last.
+per-sample work (bilinear resize 28 -> R when R is not 28, random flip, [-1, 1]), batch 64,
+drop_last. R is the config's data.resolution (the quickstart's: 28, no resize).
 
-    loader_baseline.py DATA_DIR BATCHES
+    loader_baseline.py DATA_DIR BATCHES [R]
 """
 import gzip, json, sys, time
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 root, batches = sys.argv[1], int(sys.argv[2])
+R = int(sys.argv[3]) if len(sys.argv) > 3 else 28
 images = np.frombuffer(gzip.open(f"{root}/train-images-idx3-ubyte.gz").read()[16:], dtype=np.uint8).reshape(-1, 28, 28)
 labels = np.frombuffer(gzip.open(f"{root}/train-labels-idx1-ubyte.gz").read()[8:], dtype=np.uint8)
 
@@ -21,8 +23,10 @@ class Fashion(Dataset):
         return len(images)
 
     def __getitem__(self, i):
-        x = torch.from_numpy(images[i].copy())[None, None].float()           # (1, 1, 28, 28)
-        x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)[0].round().clamp(0, 255)
+        x = torch.from_numpy(images[i].copy())[None].float()                 # (1, 28, 28)
+        if R != 28:
+            x = F.interpolate(x[None], size=(R, R), mode="bilinear", align_corners=False, antialias=R < 28)[0]
+            x = x.round().clamp(0, 255)
         if torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x / 127.5 - 1.0, int(labels[i])

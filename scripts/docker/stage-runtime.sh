@@ -3,7 +3,7 @@
 # here (so the binary's RPATH and LibTorch's $ORIGIN RPATHs hold unchanged):
 #   /usr/local/bin/difftrain, /opt/difftrain/{configs,scripts/launch.sh}, the built-in dataset, and
 #   each shared library the binary loads that this build stage added: LibTorch from the project
-#   venv and the Debian libraries (spdlog, fmt, stb). Libraries of the base image (glibc,
+#   venv and the Debian libraries (spdlog, fmt, stb, turbojpeg). Libraries of the base image (glibc,
 #   libstdc++, and a base's own PyTorch and CUDA, as in the PyTorch images) are not copied: the
 #   runtime stage starts from the same base, or from its runtime flavour.
 #

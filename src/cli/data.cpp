@@ -21,7 +21,8 @@ struct PackCommand {
   PackOptions pack;
 };
 
-int run_pack(const PackCommand& cmd) {
+int run_pack(PackCommand cmd) {
+  cmd.data.jpeg_dct_scaling = false;  // shards keep every image at its full size
   const auto dataset = open_dataset(cmd.data);
   log_info("data pack: {}", dataset->describe());
   const PackReport r = pack_shards(*dataset, cmd.pack);
