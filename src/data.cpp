@@ -222,7 +222,8 @@ std::shared_ptr<Dataset> open_dataset(const DataConfig& cfg) {
           std::make_shared<ImageFolderDataset>(cfg.path, cfg.on_bad_image, cfg.allow_upscale ? 0 : cfg.resolution, jpeg_min_side);
       break;
     case DatasetKind::webdataset:
-      ds = std::make_shared<WebDataset>(cfg.path, cfg.label_field, cfg.shuffle_buffer, cfg.on_bad_image, jpeg_min_side);
+      ds = std::make_shared<WebDataset>(cfg.path, cfg.label_field, cfg.shuffle_buffer, cfg.on_bad_image, jpeg_min_side,
+                                        cfg.shard_streams);
       break;
   }
   if (!cfg.allow_upscale && cfg.dataset != DatasetKind::image_folder &&
@@ -233,6 +234,11 @@ std::shared_ptr<Dataset> open_dataset(const DataConfig& cfg) {
                                     cfg.resolution, img.size(1), img.size(2), ds->describe()));
   }
   if (cfg.class_filter.empty() && (cfg.subset == 0 || cfg.subset >= ds->size())) return ds;
+  if (cfg.shard_streams > 0)
+    throw FormatError(
+        fmt::format("data.shard_streams = {} reads whole shards, and data.subset / data.class_filter pick single "
+                    "items: use one or the other",
+                    cfg.shard_streams));
   std::vector<int64_t> keep;
   if (!cfg.class_filter.empty()) {
     if (ds->num_classes() == 0)
@@ -380,7 +386,12 @@ Loader::Impl::Impl(std::shared_ptr<Dataset> dataset, LoaderOptions opts, LoaderS
     : dataset_(std::move(dataset)), opts_(std::move(opts)), state_(start) {
   TORCH_CHECK(opts_.world_size >= 1 && opts_.rank >= 0 && opts_.rank < opts_.world_size, "Loader: bad rank/world size");
   TORCH_CHECK(opts_.batch_size >= 1 && opts_.prefetch >= 1 && opts_.num_workers >= 0, "Loader: batch_size and prefetch must be >= 1");
-  batches_per_epoch_ = dataset_->size() / opts_.world_size / opts_.batch_size;
+  if (const int64_t m = dataset_->world_size_divides(); m > 0 && m % opts_.world_size != 0)
+    throw RuntimeError(
+        fmt::format("{}: data.shard_streams = {} is not a multiple of the world size {} (each rank reads whole "
+                    "streams; set it to a multiple of the number of ranks, or 0)",
+                    dataset_->describe(), m, opts_.world_size));
+  batches_per_epoch_ = dataset_->epoch_size() / opts_.world_size / opts_.batch_size;
   if (batches_per_epoch_ == 0)
     throw RuntimeError(fmt::format("{} has too few items for one batch of {} on each of {} rank(s)", dataset_->describe(),
                                    opts_.batch_size, opts_.world_size));

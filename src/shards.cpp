@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include "difftrain/data.h"
 #include "difftrain/errors.h"
@@ -26,6 +27,7 @@ PackReport pack_shards(const Dataset& dataset, const PackOptions& opts) {
   const int64_t total = opts.limit > 0 ? std::min(opts.limit, dataset.size()) : dataset.size();
   const int digits = std::max<int>(6, static_cast<int>(std::to_string(std::max<int64_t>(total - 1, 0)).size()));
   PackReport report;
+  nlohmann::ordered_json shardlist = nlohmann::ordered_json::array();
   for (int64_t first = 0, shard = 0; first < total; first += opts.shard_size, ++shard) {
     const fs::path path = fs::path(opts.out_dir) / fmt::format("{}-{:06d}.tar", opts.prefix, shard);
     const fs::path tmp = fs::path(path.string() + ".tmp");
@@ -53,7 +55,16 @@ PackReport pack_shards(const Dataset& dataset, const PackOptions& opts) {
     fsync_path(opts.out_dir, /*directory=*/true);
     report.bytes += fs::file_size(path);
     report.shards.push_back(path.string());
+    shardlist.push_back({{"url", path.filename().string()}, {"nsamples", std::min(total, first + opts.shard_size) - first}});
   }
+  // Last, so that an index names only whole shards.
+  const nlohmann::ordered_json index = {{"__kind__", "wids-shard-index-v1"},
+                                        {"wids_version", 1},
+                                        {"name", opts.prefix},
+                                        {"num_classes", dataset.num_classes()},
+                                        {"shardlist", shardlist}};
+  report.index = (fs::path(opts.out_dir) / (opts.prefix + "-index.json")).string();
+  write_file_atomic(report.index, index.dump(1) + "\n");
   return report;
 }
 

@@ -17,6 +17,7 @@
 #include "difftrain/config.h"
 #include "difftrain/data.h"
 #include "difftrain/data_formats.h"
+#include "temp_dir.h"
 #include "test_paths.h"
 
 namespace difftrain {
@@ -47,16 +48,9 @@ std::vector<uint8_t> make_jpeg(int w, int h, bool flat = false) {
   return out;
 }
 
-class Jpeg : public ::testing::Test {
+class Jpeg : public test::TempDirTest {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("difftrain_jpeg_" + std::to_string(::getpid()) + "_" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  fs::path dir_;
+  Jpeg() : TempDirTest("jpeg") {}
 };
 
 // Zero tolerance: both sides run libjpeg-turbo's accurate integer IDCT (scaled n x n for 1/2..1/8)

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "difftrain/tar.h"
+#include "temp_dir.h"
 #include "test_paths.h"
 
 namespace difftrain::formats {
@@ -21,15 +22,9 @@ namespace fs = std::filesystem;
 
 std::vector<uint8_t> bytes_of(const std::string& s) { return {s.begin(), s.end()}; }
 
-class Tar : public ::testing::Test {
+class Tar : public test::TempDirTest {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("difftrain_tar_" + std::to_string(::getpid()) + "_" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
+  Tar() : TempDirTest("tar") {}
 
   // Members of every size class around the 512-byte block, and a name past ustar's 100 bytes.
   static std::vector<std::pair<std::string, std::vector<uint8_t>>> members() {
@@ -67,7 +62,6 @@ class Tar : public ::testing::Test {
     EXPECT_EQ(rc, 0) << text.str();
     return rc == 0 ? nlohmann::json::parse(text.str()) : nlohmann::json();
   }
-  fs::path dir_;
 };
 
 TEST_F(Tar, RoundTripsAndWritesTheSameBytesTwice) {

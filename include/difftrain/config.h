@@ -152,6 +152,7 @@ struct DataConfig {
   bool preload = false;
   int64_t shuffle_buffer = 1000;
   std::string label_field = "";
+  int64_t shard_streams = 0;
 
   template <class V> void visit(V& v) {
     v("dataset", dataset,
@@ -186,6 +187,12 @@ struct DataConfig {
       {.min = 1, .max = 10'000'000});
     v("label_field", label_field,
       "webdataset: take labels from this integer field of each sample's .json; empty = from its .cls.");
+    v("shard_streams", shard_streams,
+      "webdataset: 0 = deal samples to the ranks (every rank reads every shard); V > 0 = deal each epoch's shards to V "
+      "streams, each rank reading only its V/world_size streams' shards (the world size must divide V; each stream is cut "
+      "to the shortest a stream can get, so with unequal shards or V not dividing their number some samples wait for "
+      "another epoch).",
+      {.min = 0, .max = 1'000'000});
   }
   bool operator==(const DataConfig&) const = default;
 };

@@ -36,6 +36,10 @@ class Dataset {
   // Every index once, in the order epoch `epoch` visits them: a pure function of (seed, epoch).
   // By default a uniform permutation, torch.randperm seeded with seed + epoch (DistributedSampler's).
   virtual std::vector<int64_t> epoch_order(uint64_t seed, int64_t epoch) const;
+  // The length of every epoch_order: size(), unless the dataset leaves some items out per epoch.
+  virtual int64_t epoch_size() const { return size(); }
+  // A number the world size must divide for the dataset's rank split to hold (0: any).
+  virtual int64_t world_size_divides() const { return 0; }
 };
 
 // IDX and CIFAR-10: the whole split decoded into memory.

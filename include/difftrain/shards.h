@@ -2,6 +2,10 @@
 // (the image, lossless) and `KEY.cls` (the label in decimal, when there is one), KEY the item's
 // index in the dataset, zero-padded; `shard_size` samples per shard, in the dataset's order
 // (shuffling is the loader's job). Python's webdataset reads them as it reads its own.
+// Beside them, `<prefix>-index.json`, a shard index in webdataset's wids format
+// ({"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": [{"url", "nsamples"}]},
+// urls relative to the index) plus "num_classes": data.path may name it, so that a run knows
+// every shard's sample count without reading the shards (webdataset.h).
 #pragma once
 
 #include <cstdint>
@@ -21,6 +25,7 @@ struct PackOptions {
 
 struct PackReport {
   std::vector<std::string> shards;  // the files written, in order
+  std::string index;                // the shard index written after them
   int64_t samples = 0;
   uint64_t bytes = 0;
 };

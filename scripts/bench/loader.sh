@@ -3,7 +3,8 @@
 #   scripts/bench/loader.sh [BUILD_DIR] [BATCHES] [TRAIN_STEPS]
 # 1. Fashion-MNIST IDX (in memory): difftrain Loader vs a PyTorch Dataset/DataLoader.
 # 2. The same images as WebDataset shards on disk (`difftrain data pack`, 60 shards of 1000):
-#    difftrain streaming with 0/1/2 workers vs a DataLoader over the `webdataset` package.
+#    difftrain streaming with 0/1/2 workers (from the directory, and from the shard index with
+#    4 shard streams) vs a DataLoader over the `webdataset` package.
 # 3. Whether the stream keeps training fed: the quickstart trained TRAIN_STEPS (default 100)
 #    steps from the shards (2 workers) and from preloaded IDX; train/img_per_s of each.
 set -euo pipefail
@@ -26,6 +27,9 @@ echo "## WebDataset shards on disk"
 du -sh "$tmp/shards" | sed 's/^/# shards: /'
 "$build/bench/bench_loader" configs/quickstart.json "$batches" data.dataset=webdataset "data.path=$tmp/shards" \
   data.preload=false
+echo "# the same through the shard index (no header scan at open), 4 shard streams"
+"$build/bench/bench_loader" configs/quickstart.json "$batches" data.dataset=webdataset \
+  "data.path=$tmp/shards/shard-index.json" data.preload=false data.shard_streams=4
 "$python" scripts/bench/loader_wds_baseline.py "$tmp/shards" 28 "$batches"
 
 echo "## Training the quickstart for $train_steps steps: train/img_per_s over the last $((train_steps / 2))"

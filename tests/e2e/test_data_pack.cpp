@@ -19,6 +19,7 @@
 #include "difftrain/sha256.h"
 #include "difftrain/tar.h"
 #include "difftrain/webdataset.h"
+#include "temp_dir.h"
 #include "test_paths.h"
 
 namespace difftrain {
@@ -32,15 +33,9 @@ std::string slurp(const fs::path& p) {
   return ss.str();
 }
 
-class DataPack : public ::testing::Test {
+class DataPack : public test::TempDirTest {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("difftrain_pack_" + std::to_string(::getpid()) + "_" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
+  DataPack() : TempDirTest("pack") {}
 
   int run(const std::string& args, const std::string& log) const {
     const std::string cmd = test::difftrain_bin() + " " + args + " >" + (dir_ / log).string() + " 2>&1 </dev/null";
@@ -56,7 +51,6 @@ class DataPack : public ::testing::Test {
     cfg.path = test::fashion_mnist_dir();
     return open_dataset(cfg);
   }
-  fs::path dir_;
 };
 
 TEST_F(DataPack, ShardsHoldTheReadersImagesAndLabelsInOrder) {
@@ -84,6 +78,16 @@ TEST_F(DataPack, ShardsHoldTheReadersImagesAndLabelsInOrder) {
   }
   EXPECT_EQ(item, 300);
   EXPECT_FALSE(fs::exists(dir_ / "a" / "shard-000003.tar"));
+  // The shard index (webdataset's wids format): each shard's url and count, and the classes.
+  const auto index = nlohmann::json::parse(slurp(dir_ / "a" / "shard-index.json"));
+  EXPECT_EQ(index["__kind__"], "wids-shard-index-v1");
+  EXPECT_EQ(index["num_classes"], 10);
+  ASSERT_EQ(index["shardlist"].size(), 3u);
+  for (int shard = 0; shard < 3; ++shard) {
+    EXPECT_EQ(index["shardlist"][shard]["url"], fmt::format("shard-{:06d}.tar", shard));
+    EXPECT_EQ(index["shardlist"][shard]["nsamples"], shard < 2 ? 128 : 44);
+  }
+  EXPECT_EQ(slurp(dir_ / "a" / "shard-index.json"), slurp(dir_ / "b" / "shard-index.json"));
   EXPECT_NE(slurp(dir_ / "a.log").find("300 samples in 3 shard(s)"), std::string::npos) << slurp(dir_ / "a.log");
 }
 
