@@ -72,14 +72,32 @@ void purge_jsonl(const fs::path& path, int64_t resume_step) {
 
 }  // namespace
 
-std::string prometheus_name(const std::string& tag) {
-  std::string name = "difftrain_";
+PrometheusMetric prometheus_metric(const std::string& tag) {
+  std::string sanitized;
   for (char c : tag) {
     const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == ':';
-    name += ok ? c : '_';
+    sanitized += ok ? c : '_';
   }
-  return name;
+  PrometheusMetric m{"difftrain", 1.0};
+  std::string previous;
+  size_t begin = 0;
+  while (begin <= sanitized.size()) {  // each '_'-separated token, empty ones kept ("a__b")
+    const size_t end = std::min(sanitized.find('_', begin), sanitized.size());
+    std::string token = sanitized.substr(begin, end - begin);
+    if (token == "ms") token = "seconds", m.scale *= 1e-3;
+    else if (token == "s" || token == "sec") token = previous == "per" ? "second" : "seconds";
+    else if (token == "gb") token = "bytes", m.scale *= 1073741824.0;
+    else if (token == "mb") token = "bytes", m.scale *= 1048576.0;
+    else if (token == "img") token = "images";
+    else if (token == "tflops") token = "flops_per_second", m.scale *= 1e12;
+    m.name += "_" + token;
+    previous = token;
+    begin = end + 1;
+  }
+  return m;
 }
+
+std::string prometheus_name(const std::string& tag) { return prometheus_metric(tag).name; }
 
 MetricsLogger::MetricsLogger(const fs::path& run_dir, MetricsOptions options, std::optional<int64_t> resume_step)
     : run_dir_(run_dir), options_(std::move(options)) {
@@ -113,33 +131,49 @@ void MetricsLogger::scalars(int64_t step, const std::vector<std::pair<std::strin
     if (events_) events_->add_scalar(tag, v, step);
     line[tag] = v;  // nlohmann writes non-finite numbers as null
     if (!options_.prometheus) continue;
+    const auto metric = prometheus_metric(tag);
     auto g = std::find_if(gauges_.begin(), gauges_.end(), [&](const Gauge& x) { return x.tag == tag; });
     if (g != gauges_.end()) {
-      g->value = v;
+      g->value = v * metric.scale;
       continue;
     }
     auto taken = [&](const std::string& n) {
-      return n == "difftrain_step" || n == "difftrain_last_log_timestamp_seconds" ||
-             std::any_of(gauges_.begin(), gauges_.end(), [&](const Gauge& x) { return x.name == n; });
+      return n == "difftrain_step" || n == "difftrain_last_log_timestamp_seconds" || n == "difftrain_build_info" ||
+             std::any_of(gauges_.begin(), gauges_.end(), [&](const Gauge& x) { return x.name == n; }) ||
+             std::any_of(counters_.begin(), counters_.end(), [&](const Counter& x) { return x.name == n; });
     };
-    std::string name = prometheus_name(tag);
-    for (int k = 2; taken(name); ++k) name = prometheus_name(tag) + "_" + std::to_string(k);
-    gauges_.push_back({tag, name, v});
+    std::string name = metric.name;
+    for (int k = 2; taken(name); ++k) name = metric.name + "_" + std::to_string(k);
+    gauges_.push_back({tag, name, v * metric.scale});
   }
   if (jsonl_fd_ >= 0) write_all(jsonl_fd_, line.dump() + "\n", run_dir_ / "metrics.jsonl");
   if (options_.prometheus) write_prometheus(step, wall_time);
 }
 
+void MetricsLogger::set_counter(const std::string& name, const std::string& help, double total) {
+  auto c = std::find_if(counters_.begin(), counters_.end(), [&](const Counter& x) { return x.name == name; });
+  if (c != counters_.end()) c->total = total;
+  else counters_.push_back({name, help, total});
+}
+
 void MetricsLogger::write_prometheus(int64_t step, double wall_time) {
-  const std::string labels = "{run=\"" + prom_escape(options_.run_name, /*quote=*/true) + "\"}";
+  const std::string run = "run=\"" + prom_escape(options_.run_name, /*quote=*/true) + "\"";
   std::ostringstream out;
-  auto gauge = [&](const std::string& name, const std::string& help, const std::string& value) {
-    out << "# HELP " << name << " " << prom_escape(help, /*quote=*/false) << "\n# TYPE " << name << " gauge\n"
-        << name << labels << " " << value << "\n";
+  auto metric = [&](const std::string& name, const char* type, const std::string& help, const std::string& labels,
+                    const std::string& value) {
+    out << "# HELP " << name << " " << prom_escape(help, /*quote=*/false) << "\n# TYPE " << name << " " << type << "\n"
+        << name << "{" << labels << "} " << value << "\n";
   };
-  gauge("difftrain_step", "Training step of the last log.", std::to_string(step));
-  gauge("difftrain_last_log_timestamp_seconds", "Unix time of the last log.", prom_value(wall_time));
-  for (const auto& g : gauges_) gauge(g.name, "Last value of the scalar \"" + g.tag + "\".", prom_value(g.value));
+  if (!options_.build_info.empty()) {
+    std::string labels = run;
+    for (const auto& [k, v] : options_.build_info) labels += "," + k + "=\"" + prom_escape(v, /*quote=*/true) + "\"";
+    metric("difftrain_build_info", "gauge", "difftrain's version, LibTorch, CUDA and the device of the run; always 1.", labels,
+           "1");
+  }
+  metric("difftrain_step", "gauge", "Training step of the last log.", run, std::to_string(step));
+  metric("difftrain_last_log_timestamp_seconds", "gauge", "Unix time of the last log.", run, prom_value(wall_time));
+  for (const auto& c : counters_) metric(c.name, "counter", c.help, run, prom_value(c.total));
+  for (const auto& g : gauges_) metric(g.name, "gauge", "Last value of the scalar \"" + g.tag + "\".", run, prom_value(g.value));
   write_file_atomic(run_dir_ / "metrics.prom", out.str());
 }
 

@@ -137,7 +137,16 @@ void Trainer::Impl::log_interval(bool final, std::chrono::steady_clock::time_poi
   if (opts_.device.is_cuda()) memory = cuda::add_memory_scalars(opts_.device.index(), scalars);
 #endif
   for (const auto& [q, loss] : st.loss_quartiles) scalars.emplace_back(fmt::format("train/loss_q{}", q), loss);
-  if (metrics_) metrics_->scalars(step_, scalars);
+  if (metrics_) {  // Prometheus counters (metrics.prom), totals since step 0
+    const double images_per_step = static_cast<double>(tc.batch_size * tc.gradient_accumulation_steps * world_size_);
+    metrics_->set_counter("difftrain_steps_total", "Optimizer steps completed.", static_cast<double>(step_));
+    metrics_->set_counter("difftrain_images_total", "Training images consumed on all ranks (steps x global batch).",
+                          static_cast<double>(step_) * images_per_step);
+    metrics_->set_counter("difftrain_skipped_steps_total",
+                          "Optimizer steps skipped for a non-finite loss or gradient since the process started.",
+                          static_cast<double>(st.skipped));
+    metrics_->scalars(step_, scalars);
+  }
 
   log_info("step {}/{} | loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.1f} img/s{} | {} | ETA {}{}{}", step_, tc.max_steps, st.loss,
            lr, st.grad_norm, img_per_s, peak_ ? fmt::format(" | MFU {:.1f}%", 100.0 * mfu) : std::string(),

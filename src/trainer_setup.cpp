@@ -13,6 +13,7 @@
 #include <fmt/ranges.h>
 
 #include "difftrain/distributed.h"
+#include "difftrain/env.h"
 #include "difftrain/errors.h"
 #include "difftrain/log.h"
 #include "difftrain/metrics.h"
@@ -167,6 +168,19 @@ void Trainer::Impl::open_outputs() {
   MetricsOptions mo;
   mo.tensorboard = lc.tensorboard, mo.jsonl = lc.jsonl, mo.prometheus = lc.prometheus;
   mo.run_name = cfg_.run.name;
+  if (lc.prometheus) {  // difftrain_build_info
+    const EnvReport env = collect_env();
+    const int cuda = env.torch_cuda_compiled;
+    std::string device_name = "cpu";
+    if (opts_.device.is_cuda())
+      for (const auto& g : env.cuda.gpus)
+        if (g.index == opts_.device.index()) device_name = g.name;
+    mo.build_info = {{"version", env.difftrain_version},
+                     {"libtorch", env.torch_version_runtime},
+                     {"cuda", env.torch_cuda_built ? fmt::format("{}.{}", cuda / 1000, cuda % 1000 / 10) : "none"},
+                     {"device", opts_.device.str()},
+                     {"device_name", device_name}};
+  }
   // Points up to the checkpoint step were logged before it was saved; later ones are orphans.
   metrics_ = std::make_unique<MetricsLogger>(opts_.run_dir, mo, resumed_ ? std::optional<int64_t>(step_ + 1) : std::nullopt);
   if (!resumed_) metrics_->text("config", 0, "```json\n" + config_to_string(cfg_) + "\n```");

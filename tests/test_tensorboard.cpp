@@ -22,6 +22,7 @@
 #include <regex>
 #include <sstream>
 #include <thread>
+#include <tuple>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -515,10 +516,13 @@ std::vector<nlohmann::ordered_json> jsonl(const fs::path& p) {
   return v;
 }
 
-// Checks the text exposition format line by line; returns name -> sample line.
-std::map<std::string, std::string> parse_prom(const std::string& text) {
-  const std::regex help(R"(# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) ([^\n]*))"), type(R"(# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) gauge)");
-  const std::regex sample(R"re(([a-zA-Z_:][a-zA-Z0-9_:]*)\{run="((?:[^"\\\n]|\\[\\"n])*)"\} (\S+))re");
+// Checks the text exposition format line by line: HELP, TYPE (gauge or counter), one sample
+// labelled run="..." and perhaps more labels. Returns name -> value, and name -> type in `types`.
+std::map<std::string, std::string> parse_prom(const std::string& text, std::map<std::string, std::string>* types = nullptr) {
+  const std::regex help(R"(# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) ([^\n]*))"),
+      type(R"(# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (gauge|counter))");
+  const std::regex sample(
+      R"re(([a-zA-Z_:][a-zA-Z0-9_:]*)\{run="(?:[^"\\\n]|\\[\\"n])*"(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")*\} (\S+))re");
   std::map<std::string, std::string> samples;
   std::istringstream in(text);
   EXPECT_TRUE(text.ends_with("\n"));
@@ -531,9 +535,13 @@ std::map<std::string, std::string> parse_prom(const std::string& text) {
     if (m1.empty() || m2.empty() || m3.empty()) break;
     EXPECT_EQ(m1[1], m2[1]);
     EXPECT_EQ(m1[1], m3[1]);
-    EXPECT_TRUE(samples.emplace(m3[1], m3[3]).second) << "duplicate metric " << m3[1];
+    EXPECT_TRUE(samples.emplace(m3[1], m3[2]).second) << "duplicate metric " << m3[1];
+    if (types) (*types)[m3[1]] = m2[2];
+    if (m2[2] == "counter") {
+      EXPECT_TRUE(std::string(m3[1]).ends_with("_total")) << m3[1];
+    }
     std::size_t used = 0;
-    const std::string v = m3[3];
+    const std::string v = m3[2];
     if (v != "NaN" && v != "+Inf" && v != "-Inf") {
       std::stod(v, &used);
       EXPECT_EQ(used, v.size()) << v;
@@ -578,6 +586,19 @@ TEST_F(TensorBoard, JsonlAndPrometheus) {
 
   EXPECT_EQ(prometheus_name("train/loss"), "difftrain_train_loss");
   EXPECT_EQ(prometheus_name("ema:decay 0.999"), "difftrain_ema:decay_0_999");
+  // Abbreviated units spelled out in base units, the value scaled (whole '_' tokens only).
+  const std::vector<std::tuple<std::string, std::string, double>> units = {
+      {"train/img_per_s", "difftrain_train_images_per_second", 1.0},
+      {"train/host_ms_per_step", "difftrain_train_host_seconds_per_step", 1e-3},
+      {"system/gpu_mem_peak_gb", "difftrain_system_gpu_mem_peak_bytes", 1073741824.0},
+      {"x/cache_mb", "difftrain_x_cache_bytes", 1048576.0},
+      {"train/tflops", "difftrain_train_flops_per_second", 1e12},
+      {"eval/sampling_s", "difftrain_eval_sampling_seconds", 1.0},
+      {"msg_sms", "difftrain_msg_sms", 1.0}};
+  for (const auto& [tag, name, scale] : units) {
+    EXPECT_EQ(prometheus_metric(tag).name, name) << tag;
+    EXPECT_EQ(prometheus_metric(tag).scale, scale) << tag;
+  }
 
   // A run name that needs escaping in a label value.
   MetricsLogger quoted(dir_ / "q", MetricsOptions{.tensorboard = false, .jsonl = false, .prometheus = true, .run_name = "a\"b\\c\nd"});
@@ -587,6 +608,26 @@ TEST_F(TensorBoard, JsonlAndPrometheus) {
   parse_prom(q);
   EXPECT_TRUE(event_files(dir_ / "q").empty());
   EXPECT_FALSE(fs::exists(dir_ / "q" / "metrics.jsonl"));
+
+  // Counters, scaled gauges and the build-info gauge.
+  MetricsLogger full(dir_ / "f", MetricsOptions{.tensorboard = false,
+                                                .jsonl = false,
+                                                .prometheus = true,
+                                                .run_name = "f",
+                                                .build_info = {{"version", "1.2.3"}, {"device", "cuda:0"}}});
+  full.set_counter("difftrain_steps_total", "Steps.", 20);
+  full.scalars(20, {{"train/host_ms_per_step", 250.0}, {"train/img_per_s", 128.0}});
+  full.set_counter("difftrain_steps_total", "Steps.", 40);
+  full.scalars(40, {{"train/host_ms_per_step", 500.0}});
+  std::map<std::string, std::string> types;
+  const std::string f = slurp(dir_ / "f" / "metrics.prom");
+  const auto fp = parse_prom(f, &types);
+  EXPECT_EQ(fp.at("difftrain_steps_total"), "40");
+  EXPECT_EQ(types.at("difftrain_steps_total"), "counter");
+  EXPECT_EQ(fp.at("difftrain_train_host_seconds_per_step"), "0.5");
+  EXPECT_EQ(fp.at("difftrain_train_images_per_second"), "128");
+  EXPECT_EQ(types.at("difftrain_train_images_per_second"), "gauge");
+  EXPECT_NE(f.find("difftrain_build_info{run=\"f\",version=\"1.2.3\",device=\"cuda:0\"} 1\n"), std::string::npos) << f;
 }
 
 TEST_F(TensorBoard, ResumePurgesOrphanedSteps) {

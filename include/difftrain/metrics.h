@@ -22,11 +22,22 @@ struct MetricsOptions {
   bool jsonl = true;        // metrics.jsonl: {"step", "wall_time", <tag>: value, ...} per scalars() call
   bool prometheus = false;  // metrics.prom: the last value of every scalar, replaced atomically on each scalars() call
   std::string run_name;     // the `run` label in metrics.prom; empty: the run directory's name
+  // Labels of the difftrain_build_info gauge (value 1), e.g. version, libtorch, cuda, device; none: no gauge.
+  std::vector<std::pair<std::string, std::string>> build_info = {};
 };
 
-// The Prometheus metric name for a scalar tag: "difftrain_" + the tag with every character outside
-// [a-zA-Z0-9_:] made '_' ("train/loss" -> difftrain_train_loss).
-std::string prometheus_name(const std::string& tag);
+// The Prometheus metric for a scalar tag, named as Prometheus asks (prometheus.io/docs/practices/
+// naming, and promtool check metrics): "difftrain_" + the tag with every character outside
+// [a-zA-Z0-9_:] made '_', and each '_'-separated abbreviated unit spelled out in base units, the
+// value scaled to match: ms -> seconds (x 1e-3), s -> seconds ("per_s" -> "per_second"),
+// gb / mb -> bytes (x 2^30 / 2^20: difftrain's _gb scalars are GiB), img -> images, tflops ->
+// flops_per_second (x 1e12). "train/img_per_s" -> difftrain_train_images_per_second.
+struct PrometheusMetric {
+  std::string name;
+  double scale = 1.0;  // value in the metric = value of the scalar x scale
+};
+PrometheusMetric prometheus_metric(const std::string& tag);
+std::string prometheus_name(const std::string& tag);  // prometheus_metric(tag).name
 
 class MetricsLogger {
  public:
@@ -43,6 +54,9 @@ class MetricsLogger {
   // line (non-finite values become null, JSON having no NaN), and a new metrics.prom. "step" and
   // "wall_time" are not allowed as tags.
   void scalars(int64_t step, const std::vector<std::pair<std::string, double>>& values);
+  // A counter in metrics.prom (`name` should end in _total), written with the next scalars():
+  // its running total. A run resumed from a checkpoint continues from what the checkpoint holds.
+  void set_counter(const std::string& name, const std::string& help, double total);
   // TensorBoard only. `pixels` is channels (1, 3, 4) x height x width uint8 in CHW order.
   void image(const std::string& tag, int64_t step, const uint8_t* pixels, int64_t channels, int64_t height, int64_t width);
   void histogram(const std::string& tag, int64_t step, std::span<const float> values);
@@ -61,9 +75,14 @@ class MetricsLogger {
   int jsonl_fd_ = -1;
   struct Gauge {
     std::string tag, name;  // name: prometheus_name(tag), with _2, _3... when another tag has it
-    double value;           // the last logged
+    double value;           // the last logged, scaled to the metric's unit
   };
   std::vector<Gauge> gauges_;  // in the order first logged
+  struct Counter {
+    std::string name, help;
+    double total;
+  };
+  std::vector<Counter> counters_;
 };
 
 }  // namespace difftrain

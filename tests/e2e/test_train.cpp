@@ -2,10 +2,13 @@
 // complete, resume is bit-exact (also after kill -9, and after a kill during a save) and reseeds
 // deterministically across device types, a corrupt latest checkpoint falls back, a changed model
 // is refused, stop signals checkpoint and exit 75, and a diverging run stops with an error.
+#include <sstream>
+
 #include "difftrain/checkpoint.h"
 #include "difftrain/config.h"
 #include "difftrain/flops.h"
 #include "difftrain/safetensors.h"
+#include "difftrain/version.h"
 #include "e2e/train_run.h"
 #include "test_paths.h"
 
@@ -62,6 +65,58 @@ TEST_F(Train, TflopsAndMfuAreLogged) {
   EXPECT_NE(log.find("model FLOPs per image"), std::string::npos) << log;
   EXPECT_NE(log.find("train/mfu against a peak of 1 TFLOP/s per device (run.peak_tflops)"), std::string::npos) << log;
   EXPECT_NE(log.find(" img/s | MFU "), std::string::npos) << log;
+}
+
+// metrics.prom of a real run follows Prometheus' naming: counters for the totals, base units
+// (seconds, bytes, images per second) with values scaled to match metrics.jsonl's, and
+// difftrain_build_info; promtool (Debian's prometheus package) accepts it when it is installed.
+TEST_F(Train, PrometheusTextfileFollowsTheNamingRules) {
+  ASSERT_EQ(run(args("prom", 10, {"--set", "logging.prometheus=true", "--set", "sampling.num_final_samples=0"}), "prom"), 0)
+      << err("prom");
+  const std::string prom = slurp(dir_ / "prom" / "metrics.prom");
+  auto value = [&](const std::string& name) {  // the sample of a metric labelled only with run="prom"
+    const std::string key = name + "{run=\"prom\"} ";
+    const auto at = prom.find(key);
+    EXPECT_NE(at, std::string::npos) << name << " not in\n" << prom;
+    return at == std::string::npos ? std::nan("") : std::stod(prom.substr(at + key.size()));
+  };
+  EXPECT_NE(prom.find("# TYPE difftrain_steps_total counter\n"), std::string::npos) << prom;
+  EXPECT_EQ(value("difftrain_steps_total"), 10);
+  EXPECT_EQ(value("difftrain_images_total"), 10 * 8);  // batch 8, one rank
+  EXPECT_EQ(value("difftrain_skipped_steps_total"), 0);
+  EXPECT_NE(prom.find(fmt::format("difftrain_build_info{{run=\"prom\",version=\"{}\",libtorch=\"", kVersion)), std::string::npos)
+      << prom;
+  EXPECT_NE(prom.find(",device=\"cpu\",device_name=\"cpu\"} 1\n"), std::string::npos) << prom;
+  // The last metrics.jsonl line, in the metric's units.
+  std::ifstream in(dir_ / "prom" / "metrics.jsonl");
+  std::string line, last;
+  while (std::getline(in, line)) last = line;
+  const auto j = json::parse(last);
+  EXPECT_EQ(value("difftrain_train_images_per_second"), j["train/img_per_s"].get<double>());
+  EXPECT_DOUBLE_EQ(value("difftrain_train_host_seconds_per_step"), j["train/host_ms_per_step"].get<double>() * 1e-3);
+  EXPECT_DOUBLE_EQ(value("difftrain_train_flops_per_second"), j["train/tflops"].get<double>() * 1e12);
+  std::istringstream lines(prom);  // each sample's metric name, token by token: no abbreviated unit
+  for (std::string l; std::getline(lines, l);) {
+    if (l.starts_with("#")) continue;
+    std::istringstream name(l.substr(0, l.find('{')));
+    for (std::string token; std::getline(name, token, '_');)
+      for (const char* abbreviated : {"s", "ms", "gb", "mb", "img", "tflops"}) EXPECT_NE(token, abbreviated) << l;
+  }
+  if (std::system("command -v promtool >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "promtool not installed (Debian: apt install prometheus); the format checks above ran";
+  const std::string cmd = "promtool check metrics < " + (dir_ / "prom" / "metrics.prom").string() + " > " +
+                          (dir_ / "promtool.out").string() + " 2>&1";
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << slurp(dir_ / "promtool.out");
+  EXPECT_EQ(slurp(dir_ / "promtool.out"), "") << "promtool's lint findings";
+  // The alert rules docs/MONITORING.md suggests parse and name these metrics.
+  const std::string rules = test::source_dir() + "/docs/prometheus/alerts.yml";
+  EXPECT_EQ(std::system(("promtool check rules " + rules + " > " + (dir_ / "rules.out").string() + " 2>&1").c_str()), 0)
+      << slurp(dir_ / "rules.out");
+  for (const char* metric : {"difftrain_last_log_timestamp_seconds", "difftrain_steps_total", "difftrain_train_loss",
+                             "difftrain_skipped_steps_total", "difftrain_images_total"}) {
+    EXPECT_NE(prom.find(std::string(metric) + "{"), std::string::npos) << metric;
+    EXPECT_NE(slurp(rules).find(metric), std::string::npos) << metric;
+  }
 }
 
 // TensorBoard reads the run: every metrics.jsonl value, the sample images, histograms and the
