@@ -58,22 +58,11 @@ TEST_F(Distributed, TwoRanksEqualOneRankWithTheGlobalBatch) {
 
   // The same from WebDataset shards through their index, with 4 shard streams (each rank reads only
   // its own shards), streamed rather than preloaded: 8 shards of 32, 16 global batches an epoch.
-  ASSERT_EQ(run({difftrain_bin(), "data", "pack", "--from", "idx", "--path", fashion_mnist_dir(), "--out",
-                 (dir_ / "shards").string(), "--limit", "256", "--shard-size", "32"},
-                "pack"),
-            0)
-      << err("pack");
-  const std::vector<std::string> shards = {
-      "--set", "data.dataset=webdataset", "--set", "data.path=" + (dir_ / "shards" / "shard-index.json").string(),
-      "--set", "data.subset=0",           "--set", "data.shard_streams=4",
-      "--set", "data.preload=false",      "--set", "data.shuffle_buffer=16"};
-  auto with = [&](std::vector<std::string> a, const std::string& batch) {
-    a.insert(a.end(), shards.begin(), shards.end());
-    a.insert(a.end(), {"--set", "train.batch_size=" + batch});
-    return a;
-  };
-  ASSERT_EQ(run(with(args("wds_one", 20), "16"), "wds_one"), 0) << err("wds_one");
-  ASSERT_EQ(run(launch(2, port(1), with(args("wds_two", 20), "8")), "wds_two"), 0) << err("wds_two");
+  std::vector<std::string> shards;
+  ASSERT_TRUE(shard_args(4, shards, {"--set", "data.shuffle_buffer=16"}));
+  ASSERT_EQ(run(args("wds_one", 20, plus(shards, {"--set", "train.batch_size=16"})), "wds_one"), 0) << err("wds_one");
+  ASSERT_EQ(run(launch(2, port(1), args("wds_two", 20, plus(shards, {"--set", "train.batch_size=8"}))), "wds_two"), 0)
+      << err("wds_two");
   EXPECT_NE(err("wds_two").find("4 shard streams of 64 samples"), std::string::npos) << err("wds_two");
   EXPECT_LT(max_weight_difference(ckpt("wds_one", 20), ckpt("wds_two", 20)), 1e-4) << "2 x 8 vs 1 x 16 from shards";
 }

@@ -209,22 +209,11 @@ TEST_F(Train, ResumeIsBitExact) {
 
   // The same streamed from WebDataset shards (through their index, 2 shard streams, 2 decode
   // threads): 8 shards of 32, 32 batches an epoch, so step 20 is mid-epoch and 40 in the next.
-  ASSERT_EQ(run({difftrain_bin(), "data", "pack", "--from", "idx", "--path", fashion_mnist_dir(), "--out",
-                 (dir_ / "shards").string(), "--limit", "256", "--shard-size", "32"},
-                "pack"),
-            0)
-      << err("pack");
-  const std::vector<std::string> shards = {
-      "--set", "data.dataset=webdataset", "--set", "data.path=" + (dir_ / "shards" / "shard-index.json").string(),
-      "--set", "data.subset=0",           "--set", "data.shard_streams=2",
-      "--set", "data.preload=false",      "--set", "data.num_workers=2"};
-  auto with = [&](std::vector<std::string> extra) {
-    extra.insert(extra.end(), shards.begin(), shards.end());
-    return extra;
-  };
-  ASSERT_EQ(run(args("wds_straight", 40, with({})), "wds_straight"), 0) << err("wds_straight");
-  ASSERT_EQ(run(args("wds_halves", 20, with({})), "wds_first"), 0) << err("wds_first");
-  ASSERT_EQ(run(args("wds_halves", 40, with({"--resume", "latest"})), "wds_second"), 0) << err("wds_second");
+  std::vector<std::string> shards;
+  ASSERT_TRUE(shard_args(2, shards, {"--set", "data.num_workers=2"}));
+  ASSERT_EQ(run(args("wds_straight", 40, shards), "wds_straight"), 0) << err("wds_straight");
+  ASSERT_EQ(run(args("wds_halves", 20, shards), "wds_first"), 0) << err("wds_first");
+  ASSERT_EQ(run(args("wds_halves", 40, plus(shards, {"--resume", "latest"})), "wds_second"), 0) << err("wds_second");
   EXPECT_NE(err("wds_second").find("resumed from"), std::string::npos) << err("wds_second");
   EXPECT_EQ(digests(ckpt("wds_halves", 40)), digests(ckpt("wds_straight", 40)));
   EXPECT_NE(digests(ckpt("wds_straight", 40)), digests(ckpt("straight", 40)));  // other data order: other weights

@@ -114,6 +114,26 @@ class TrainRun : public ::testing::Test {
     return wait_for(spawn(argv, log, env));
   }
   std::string err(const std::string& log) const { return slurp(dir_ / (log + ".err")); }
+  // Packs the first 256 Fashion-MNIST images into 8 WebDataset shards of 32 under dir_/shards
+  // (`difftrain data pack`; false and a test failure if that fails) and sets `out` to the --set
+  // arguments that train from them through their index: `streams` shard streams, streamed (not
+  // preloaded), the subset of args() undone, and `extra` after them.
+  bool shard_args(int64_t streams, std::vector<std::string>& out, std::vector<std::string> extra = {}) const {
+    const int rc = run({difftrain_bin(), "data", "pack", "--from", "idx", "--path", fashion_mnist_dir(), "--out",
+                        (dir_ / "shards").string(), "--limit", "256", "--shard-size", "32"},
+                       "pack");
+    EXPECT_EQ(rc, 0) << err("pack");
+    out = {"--set", "data.dataset=webdataset", "--set", "data.path=" + (dir_ / "shards" / "shard-index.json").string(),
+           "--set", "data.subset=0",           "--set", "data.shard_streams=" + std::to_string(streams),
+           "--set", "data.preload=false"};
+    out.insert(out.end(), extra.begin(), extra.end());
+    return rc == 0;
+  }
+  // `a` followed by `more`.
+  static std::vector<std::string> plus(std::vector<std::string> a, const std::vector<std::string>& more) {
+    a.insert(a.end(), more.begin(), more.end());
+    return a;
+  }
   fs::path ckpt(const std::string& name, int64_t step) const {
     char buf[32];
     std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));
