@@ -9,7 +9,7 @@ CONFIG     ?= configs/quickstart.json
 # The default needs no root; system-wide: make build && sudo cmake --install build --prefix /usr/local
 PREFIX     ?= $(HOME)/.local
 
-.PHONY: all deps configure build test test-cpu-paths train docs env install format-check clean
+.PHONY: all deps configure build test test-cpu-paths test-asan test-tsan train docs env install format-check clean
 
 all: build
 
@@ -44,6 +44,11 @@ test-cpu-paths: build
 	  echo "== numerics tests with $$e"; \
 	  env $$e ctest --test-dir $(BUILD_DIR) -R '$(NUMERICS_TESTS)' --output-on-failure -j $(JOBS) || exit 1; \
 	done
+
+# The tests under ASan + UBSan (unit, e2e, distributed) and under TSan (loader and distributed),
+# each in its own build directory (build-asan, build-tsan); not part of `make test` (CI time).
+test-asan test-tsan: deps
+	DIFFTRAIN_VENV=$(abspath $(VENV)) scripts/test-sanitized.sh $(subst test-,,$@)
 
 train: build
 	$(BUILD_DIR)/difftrain train --config $(CONFIG) --resume latest

@@ -1,59 +1,66 @@
 #!/usr/bin/env bash
-# Fuzzes the dataset readers (IDX, gzip, CIFAR-10, PNG through stb_image, JPEG through libjpeg-turbo, tar) with libFuzzer,
-# AddressSanitizer and UBSan for a bounded time. Not part of `make test`.
-#   scripts/fuzz.sh [SECONDS]     (default 120)
+# Fuzzes every parser that reads untrusted bytes with libFuzzer, AddressSanitizer and UBSan
+# (fuzz/fuzz_targets.cpp): IDX images and labels, gzip, CIFAR-10, PNG and JPEG (full size and at
+# a DCT scale), tar, safetensors headers, checkpoint manifests and config JSON. Each target starts
+# from its committed seeds (fuzz/corpus/<target>, written by fuzz/make_seeds.py) and dictionary
+# (fuzz/dict/<target>.dict) and keeps what it finds in build-fuzz/corpus/<target>. Not part of `make test`.
+#   scripts/fuzz.sh [--seconds S | --runs N] [TARGET ...]    (default: every target, 60 s each)
+# Prints one line per target: executions, rate, coverage (edges, features), corpus size, findings.
 # Needs clang and libclang-rt-dev (libFuzzer); installs them on Debian when missing.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-seconds=${1:-120}
 out=$root/build-fuzz
-rm -rf "$out/findings"
-mkdir -p "$out/corpus" "$out/findings"
+all_targets=(idx_images idx_labels cifar10 gzip_idx image jpeg_scaled tar safetensors manifest config)
+limit=(-max_total_time=60)
+targets=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --seconds) limit=(-max_total_time="$2"); shift 2 ;;
+    --runs) limit=(-runs="$2"); shift 2 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) targets+=("$1"); shift ;;
+  esac
+done
+[ ${#targets[@]} -eq 0 ] && targets=("${all_targets[@]}")
 if ! command -v clang++ >/dev/null || ! ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1; then
   sudo_cmd=(); [ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends clang libclang-rt-dev
 fi
-clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -I"$root/include" "$root/fuzz/fuzz_formats.cpp" "$root/src/data_formats.cpp" "$root/src/jpeg.cpp" "$root/src/tar.cpp" -lz -lstb -lturbojpeg -o "$out/fuzz_formats"
-# Seeds: one valid file of each kind, made with the venv's Python if it is there.
+# {fmt} as the build uses it: LibTorch's copy, header-only (config.cpp formats its messages with it).
 python=${PYTHON:-$root/.venv/bin/python}
-if [ -x "$python" ]; then
-  "$python" - "$out/corpus" <<'PY'
-import gzip, io, struct, sys
-out = sys.argv[1]
-idx = struct.pack(">BBBBIII", 0, 0, 8, 3, 2, 3, 3) + bytes(range(18))
-open(f"{out}/idx", "wb").write(b"\x00" + idx)
-open(f"{out}/labels", "wb").write(b"\x01" + struct.pack(">BBBBI", 0, 0, 8, 1, 3) + bytes([1, 2, 3]))
-open(f"{out}/cifar", "wb").write(b"\x02" + bytes([3]) + bytes(3072))
-open(f"{out}/gz", "wb").write(b"\x04" + gzip.compress(idx))
-import tarfile
-for fmt, name in [(tarfile.PAX_FORMAT, "pax"), (tarfile.GNU_FORMAT, "gnu")]:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
-        for member, data in [("k/000001.png", b"\x89PNG"), ("k/000001.cls", b"3"), ("x" * 120 + ".json", b"{}")]:
-            info = tarfile.TarInfo(member); info.size = len(data); t.addfile(info, io.BytesIO(data))
-    open(f"{out}/tar_{name}", "wb").write(b"\x05" + buf.getvalue())
-try:
-    from PIL import Image
-    for fmt in ["PNG", "JPEG"]:
-        buf = io.BytesIO()
-        Image.new("RGB", (5, 4), (10, 20, 30)).save(buf, format=fmt)
-        open(f"{out}/img_{fmt}", "wb").write(b"\x03" + buf.getvalue())
-    # JPEGs for the DCT-scaled decode: 4:2:0, gray, progressive, CMYK, restart markers.
-    for name, mode, opts in [("420", "RGB", {}), ("gray", "L", {}), ("prog", "RGB", {"progressive": True}),
-                             ("cmyk", "CMYK", {}), ("rst", "RGB", {"restart_marker_blocks": 2})]:
-        buf = io.BytesIO()
-        Image.linear_gradient("L").resize((64, 48)).convert(mode).save(buf, format="JPEG", quality=75, **opts)
-        open(f"{out}/jpeg_{name}", "wb").write(b"\x06" + buf.getvalue())
-except ImportError:
-    pass
-PY
+fmt_include=/usr/include
+[ -x "$python" ] && fmt_include=$("$python" -c 'import torch.utils.cpp_extension as c; print(c.include_paths()[0])')
+mkdir -p "$out"
+srcs=("$root/fuzz/fuzz_targets.cpp")
+for s in data_formats jpeg tar safetensors_header checkpoint_manifest config device_spec; do srcs+=("$root/src/$s.cpp"); done
+if [ ! -x "$out/fuzz_targets" ] || [ -n "$(find "${srcs[@]}" "$root/include" -newer "$out/fuzz_targets" 2>/dev/null | head -1)" ]; then
+  echo "fuzz: building $out/fuzz_targets"
+  clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -DFMT_HEADER_ONLY=1 \
+    -I"$root/include" -isystem "$fmt_include" "${srcs[@]}" -lz -lstb -lturbojpeg -o "$out/fuzz_targets"
 fi
-cd "$out/findings"
-"$out/fuzz_formats" -max_total_time="$seconds" -max_len=65536 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-  "$out/corpus" 2>&1 | tee "$out/fuzz.log" | grep -E "^#[0-9]+ +(DONE|INITED)|stat::|ERROR|SUMMARY" || true
-if compgen -G "$out/findings/crash-*" >/dev/null || compgen -G "$out/findings/timeout-*" >/dev/null ||
-   compgen -G "$out/findings/leak-*" >/dev/null || compgen -G "$out/findings/oom-*" >/dev/null; then
-  echo "fuzz: FINDINGS in $out/findings"; exit 1
-fi
-echo "fuzz: no findings in ${seconds} s ($out/fuzz.log)"
+
+status=0
+for t in "${targets[@]}"; do
+  [ -d "$root/fuzz/corpus/$t" ] || { echo "fuzz: unknown target $t (known: ${all_targets[*]})"; exit 2; }
+  mkdir -p "$out/corpus/$t" "$out/findings/$t"
+  rm -f "$out/findings/$t"/*
+  log=$out/$t.log
+  # The first directory gathers new inputs; the committed seeds are read, not written.
+  (cd "$out/findings/$t" && DIFFTRAIN_FUZZ_TARGET=$t "$out/fuzz_targets" "${limit[@]}" -dict="$root/fuzz/dict/$t.dict" \
+     -max_len=65536 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -print_funcs=0 "$out/corpus/$t" "$root/fuzz/corpus/$t" >"$log" 2>&1) || true
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
+  secs=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log")
+  last=$(grep -E '^#[0-9]+[[:space:]]' "$log" | tail -1 || true)
+  cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last"); ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
+  corp=$(sed -n 's/.* corp: \([0-9]*\).*/\1/p' <<<"$last")
+  findings=$(find "$out/findings/$t" -name 'crash-*' -o -name 'timeout-*' -o -name 'leak-*' -o -name 'oom-*' | wc -l)
+  if [ "$findings" -eq 0 ] && grep -q "ERROR: \|SUMMARY: \|runtime error" "$log"; then findings=1; fi
+  printf 'fuzz: %-12s %12s execs in %6s s (%s/s)  cov %s  ft %s  corpus %s  findings %s\n' "$t" "${execs:-?}" "${secs:-?}" \
+    "$(( ${execs:-0} / (${secs:-1} > 0 ? ${secs:-1} : 1) ))" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$findings"
+  if [ "$findings" -ne 0 ]; then
+    status=1
+    echo "fuzz: FINDINGS for $t in $out/findings/$t; log $log"
+    grep -E "ERROR: |SUMMARY: |runtime error|what\(\)" "$log" | head -5 || true
+  fi
+done
+exit $status

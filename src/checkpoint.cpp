@@ -144,24 +144,17 @@ fs::path save_checkpoint(const fs::path& dir, const Checkpoint& ckpt) {
 std::string verify_checkpoint(const fs::path& path) {
   const fs::path manifest_path = path / "manifest.json";
   if (!fs::is_regular_file(manifest_path)) return "no manifest.json (an incomplete save?)";
-  nlohmann::json manifest;
   try {
-    manifest = nlohmann::json::parse(read_text(manifest_path));
-    if (manifest.value("format", "") != kCheckpointFormat) return "manifest.json is not a difftrain checkpoint manifest";
-    const int version = manifest.value("version", -1);
-    if (version != kCheckpointFormatVersion)
-      return fmt::format("checkpoint format version {}; this difftrain reads version {}", version, kCheckpointFormatVersion);
-    for (const auto& [file, info] : manifest.at("files").items()) {
-      const fs::path f = path / file;
+    for (const auto& file : parse_checkpoint_manifest(read_text(manifest_path))) {
+      const fs::path f = path / file.name;
       std::error_code ec;
       const auto size = fs::file_size(f, ec);
-      if (ec) return fmt::format("{} is missing", file);
-      if (size != info.at("bytes").get<uint64_t>())
-        return fmt::format("{} has {} bytes, the manifest says {}", file, size, info.at("bytes").get<uint64_t>());
-      if (sha256_file(f) != info.at("sha256").get<std::string>()) return fmt::format("{} fails its SHA-256 check", file);
+      if (ec) return fmt::format("{} is missing", file.name);
+      if (size != file.bytes) return fmt::format("{} has {} bytes, the manifest says {}", file.name, size, file.bytes);
+      if (sha256_file(f) != file.sha256) return fmt::format("{} fails its SHA-256 check", file.name);
     }
   } catch (const std::exception& e) {
-    return fmt::format("unreadable manifest.json: {}", e.what());
+    return e.what();
   }
   return {};
 }
@@ -172,11 +165,12 @@ Checkpoint load_checkpoint(const fs::path& path) {
     throw CheckpointError(fmt::format("checkpoint {} is not usable: {}", path.string(), problem));
   Checkpoint ckpt;
   try {
-    const auto manifest = nlohmann::json::parse(read_text(path / "manifest.json"));
+    const auto files = parse_checkpoint_manifest(read_text(path / "manifest.json"));
     ckpt.state = read_text(path / "state.json");
     ckpt.step = nlohmann::json::parse(ckpt.state).at("step").get<int64_t>();
     ckpt.config = read_text(path / "config.json");
-    for (const auto& [file, info] : manifest.at("files").items()) {
+    for (const auto& entry : files) {
+      const std::string& file = entry.name;
       const std::string suffix = ".safetensors";
       if (file.size() > suffix.size() && file.compare(file.size() - suffix.size(), suffix.size(), suffix) == 0) {
         auto st = load_safetensors(path / file);

@@ -1,7 +1,7 @@
 // Config <-> JSON, --set overrides, validation and the generated reference, all driven by the
 // visit() schema in config.h. Each visitor below walks that schema once.
 #include "difftrain/config.h"
-#include "difftrain/env.h"  // parse_device_spec: run.device's grammar
+#include "difftrain/device_spec.h"  // parse_device_spec: run.device's grammar
 
 #include <algorithm>
 #include <cerrno>

@@ -1,5 +1,8 @@
 #include "difftrain/distributed.h"
 
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -178,6 +181,58 @@ template <typename Launch> void run_and_wait(Launch&& launch, const char* what, 
 }
 }  // namespace
 
+namespace {
+
+// The local address of this host's route to `host` (a UDP connect sends nothing); nullopt when
+// there is none.
+std::optional<std::string> local_address_towards(const std::string& host) {
+  addrinfo hints{}, *found = nullptr;
+  hints.ai_socktype = SOCK_DGRAM;
+  if (getaddrinfo(host.c_str(), "9", &hints, &found) != 0) return std::nullopt;
+  std::optional<std::string> out;
+  for (addrinfo* a = found; a && !out; a = a->ai_next) {
+    const int fd = ::socket(a->ai_family, SOCK_DGRAM, 0);
+    sockaddr_storage local{};
+    socklen_t len = sizeof local;
+    char text[INET6_ADDRSTRLEN] = {};
+    if (fd >= 0 && ::connect(fd, a->ai_addr, a->ai_addrlen) == 0 &&
+        ::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0 &&
+        getnameinfo(reinterpret_cast<sockaddr*>(&local), len, text, sizeof text, nullptr, 0, NI_NUMERICHOST) == 0)
+      out = text;
+    if (fd >= 0) ::close(fd);
+  }
+  freeaddrinfo(found);
+  return out;
+}
+
+// Gloo's devices: one per interface in GLOO_SOCKET_IFNAME (comma-separated, as torch.distributed
+// reads it); otherwise the address this host uses to reach MASTER_ADDR, which the other nodes can
+// reach when they reach the master. (c10d's default device resolves the hostname, which Debian's
+// /etc/hosts maps to a loopback address: ranks on other nodes, or in other network namespaces,
+// then cannot connect.)
+std::vector<std::shared_ptr<::gloo::transport::Device>> gloo_devices(const std::string& master_addr) {
+  std::vector<std::shared_ptr<::gloo::transport::Device>> out;
+  if (const char* names = std::getenv("GLOO_SOCKET_IFNAME"); names && *names) {
+    std::string list = names;
+    for (size_t begin = 0; begin <= list.size();) {
+      const size_t end = std::min(list.find(',', begin), list.size());
+      const std::string name = list.substr(begin, end - begin);
+      begin = end + 1;
+      if (name.empty()) continue;
+      try {
+        out.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(name));
+      } catch (const std::exception& e) {
+        throw UsageError(fmt::format("GLOO_SOCKET_IFNAME={}: cannot use network interface \"{}\": {}", list, name, e.what()));
+      }
+    }
+    if (!out.empty()) return out;
+  }
+  if (const auto local = local_address_towards(master_addr)) return {c10d::ProcessGroupGloo::createDeviceForHostname(*local)};
+  return {c10d::ProcessGroupGloo::createDefaultDevice()};
+}
+
+}  // namespace
+
 ProcessGroup::ProcessGroup(const World& world, DistBackend backend, const c10::Device& device, std::chrono::milliseconds timeout)
     : impl_(std::make_unique<Impl>()),
       world_(world),
@@ -215,7 +270,7 @@ ProcessGroup::ProcessGroup(const World& world, DistBackend backend, const c10::D
   } else {
     // The timeout of every Gloo operation (the per-collective option below overrides it).
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-    opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    opts->devices = gloo_devices(world.master_addr);
     impl_->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, static_cast<int>(world.rank),
                                                                  static_cast<int>(world.world_size), opts);
     impl_->name = "gloo";

@@ -12,6 +12,7 @@
 
 #include "difftrain/errors.h"
 #include "difftrain/io.h"
+#include "difftrain/safetensors_header.h"
 
 namespace difftrain {
 
@@ -70,69 +71,17 @@ void save_safetensors(const std::filesystem::path& path, const NamedTensors& ten
 }
 
 SafetensorsFile load_safetensors(const std::filesystem::path& path) {
-  const std::string file = path.string();
   const std::string bytes = read_text(path);
-  auto bad = [&](const std::string& what) { return RuntimeError(fmt::format("{}: not a valid safetensors file: {}", file, what)); };
-  if (bytes.size() < 8) throw bad("shorter than the 8-byte header length");
-  uint64_t n = 0;
-  std::memcpy(&n, bytes.data(), 8);
-  if (n > bytes.size() - 8 || n > (uint64_t{100} << 20)) throw bad(fmt::format("header length {} exceeds the file", n));
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(n));
-  } catch (const nlohmann::json::exception& e) {
-    throw bad(std::string("header is not JSON: ") + e.what());
-  }
-  if (!header.is_object()) throw bad("header is not a JSON object");
-  const uint64_t data_size = bytes.size() - 8 - n;
-  const char* data = bytes.data() + 8 + n;
-
+  const SafetensorsHeader header = parse_safetensors_header(bytes, path.string());
   SafetensorsFile out;
-  std::vector<std::pair<uint64_t, uint64_t>> ranges;
-  for (const auto& [name, entry] : header.items()) {
-    if (name == "__metadata__") {
-      if (!entry.is_object()) throw bad("__metadata__ is not an object");
-      for (const auto& [k, v] : entry.items()) {
-        if (!v.is_string()) throw bad(fmt::format("__metadata__.{} is not a string", k));
-        out.metadata[k] = v.get<std::string>();
-      }
-      continue;
-    }
-    try {
-      const auto dtype_str = entry.at("dtype").get<std::string>();
-      const auto shape = entry.at("shape").get<std::vector<int64_t>>();
-      const auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
-      auto it = std::find_if(dtype_names().begin(), dtype_names().end(), [&](const auto& d) { return d.second == dtype_str; });
-      if (it == dtype_names().end()) throw bad(fmt::format("tensor {} has unsupported dtype {}", name, dtype_str));
-      if (offsets.size() != 2 || offsets[0] > offsets[1] || offsets[1] > data_size)
-        throw bad(fmt::format("tensor {} has data_offsets outside the {} data bytes", name, data_size));
-      uint64_t numel = 1;
-      for (int64_t d : shape) {
-        if (d < 0 || (d > 0 && numel > (uint64_t{1} << 48) / static_cast<uint64_t>(d))) throw bad(fmt::format("tensor {} has a bad shape", name));
-        numel *= static_cast<uint64_t>(d);
-      }
-      auto t = at::empty(shape, at::TensorOptions().dtype(it->first));
-      if (static_cast<uint64_t>(t.nbytes()) != offsets[1] - offsets[0])
-        throw bad(fmt::format("tensor {}: shape and dtype need {} bytes, data_offsets give {}", name, t.nbytes(),
-                              offsets[1] - offsets[0]));
-      std::memcpy(t.mutable_data_ptr(), data + offsets[0], t.nbytes());
-      ranges.emplace_back(offsets[0], offsets[1]);
-      out.tensors.emplace_back(name, std::move(t));
-    } catch (const nlohmann::json::exception& e) {
-      throw bad(fmt::format("tensor {}: {}", name, e.what()));
-    }
+  out.metadata = header.metadata;
+  for (const auto& e : header.entries) {
+    const auto type =
+        std::find_if(dtype_names().begin(), dtype_names().end(), [&](const auto& d) { return d.second == e.dtype; });
+    auto t = at::empty(e.shape, at::TensorOptions().dtype(type->first));  // parse_safetensors_header checked dtype and size
+    if (e.end > e.begin) std::memcpy(t.mutable_data_ptr(), bytes.data() + header.data_start + e.begin, e.end - e.begin);
+    out.tensors.emplace_back(e.name, std::move(t));
   }
-  std::sort(ranges.begin(), ranges.end());
-  uint64_t end = 0;
-  for (const auto& [b, e] : ranges) {
-    if (b != end) throw bad(b < end ? "tensor data overlap" : "gap between tensor data");
-    end = e;
-  }
-  if (end != data_size) throw bad("bytes after the last tensor");
-  // Back into the writer's order (the JSON object was read sorted by name).
-  std::sort(out.tensors.begin(), out.tensors.end(), [&](const auto& a, const auto& b) {
-    return header[a.first]["data_offsets"][0].template get<uint64_t>() < header[b.first]["data_offsets"][0].template get<uint64_t>();
-  });
   return out;
 }
 

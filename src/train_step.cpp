@@ -49,7 +49,9 @@ void Trainer::Impl::train_step() {
   if (opts_.process_group) {
     std::vector<at::Tensor> grads;
     for (auto& p : params_) grads.push_back(p.grad());
+    const auto start = std::chrono::steady_clock::now();
     opts_.process_group->allreduce_mean(grads, int64_t{cfg_.distributed.bucket_size_mb} << 20);
+    interval_allreduce_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
   const double lr = lr_at(step_);
   if (capturable_) lr_t_.fill_(lr);  // outside any graph: the graph reads the tensor

@@ -111,8 +111,8 @@ void Trainer::Impl::log_interval(bool final, std::chrono::steady_clock::time_poi
   const double secs = std::chrono::duration<double>(end - interval_start_).count();
   const auto st = stats_.take(interval_steps_);
   const double lr = lr_at(step_ - 1);
-  const double images = static_cast<double>(interval_steps_ * tc.batch_size * tc.gradient_accumulation_steps * world_size_);
-  const double img_per_s = images / std::max(secs, 1e-9);
+  const double images_per_step = static_cast<double>(tc.batch_size * tc.gradient_accumulation_steps * world_size_);
+  const double img_per_s = static_cast<double>(interval_steps_) * images_per_step / std::max(secs, 1e-9);
   // Achieved model TFLOP/s per device: FLOPs per image (forward + backward, src/flops.cpp) times
   // this rank's images per second; MFU divides it by the device's peak (run.peak_tflops or the table).
   const double tflops = static_cast<double>(flops_.total()) * (img_per_s / static_cast<double>(world_size_)) / 1e12;
@@ -126,6 +126,9 @@ void Trainer::Impl::log_interval(bool final, std::chrono::steady_clock::time_poi
   // for kernel launches (launch-bound: train.cuda_graph removes that wait).
   const auto steps = static_cast<double>(interval_steps_);
   scalars.emplace_back("train/host_ms_per_step", interval_host_seconds_ * 1e3 / steps);
+  // Gloo waits for the collective, so this is its whole time; NCCL's is only the launch (its device
+  // time is inside device_ms_per_step).
+  if (opts_.process_group) scalars.emplace_back("train/allreduce_ms_per_step", interval_allreduce_seconds_ * 1e3 / steps);
 #ifdef DIFFTRAIN_WITH_CUDA
   if (cuda_) scalars.emplace_back("train/device_ms_per_step", cuda_->timer.take_device_ms() / steps);
 #endif
@@ -138,7 +141,6 @@ void Trainer::Impl::log_interval(bool final, std::chrono::steady_clock::time_poi
 #endif
   for (const auto& [q, loss] : st.loss_quartiles) scalars.emplace_back(fmt::format("train/loss_q{}", q), loss);
   if (metrics_) {  // Prometheus counters (metrics.prom), totals since step 0
-    const double images_per_step = static_cast<double>(tc.batch_size * tc.gradient_accumulation_steps * world_size_);
     metrics_->set_counter("difftrain_steps_total", "Optimizer steps completed.", static_cast<double>(step_));
     metrics_->set_counter("difftrain_images_total", "Training images consumed on all ranks (steps x global batch).",
                           static_cast<double>(step_) * images_per_step);
@@ -153,7 +155,7 @@ void Trainer::Impl::log_interval(bool final, std::chrono::steady_clock::time_poi
            duration_text(progress_->elapsed()), final ? "done" : duration_text(progress_->eta(step_)), memory,
            st.skipped > 0 ? fmt::format(" | skipped {} non-finite", st.skipped) : "");
   progress_->set_summary(fmt::format("loss {:.4f} | {:.0f} img/s{}", st.loss, img_per_s, memory));
-  interval_steps_ = 0, interval_host_seconds_ = 0;
+  interval_steps_ = 0, interval_host_seconds_ = 0, interval_allreduce_seconds_ = 0;
   interval_start_ = std::chrono::steady_clock::now();
 }
 

@@ -101,6 +101,7 @@ struct Trainer::Impl {
   StepStats stats_;
   int64_t interval_steps_ = 0;
   double interval_host_seconds_ = 0;  // host time issuing this interval's steps
+  double interval_allreduce_seconds_ = 0;  // host time in this interval's gradient all-reduces (Gloo: all of it)
   std::chrono::steady_clock::time_point interval_start_;
 
   // The capturable step (train.cuda_graph or TrainerOptions::capturable_state).

@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "difftrain/checkpoint.h"
+#include "difftrain/safetensors_header.h"
 #include "difftrain/sha256.h"
 #include "test_paths.h"
 
@@ -231,6 +232,63 @@ TEST_F(CheckpointFiles, CorruptAndIncompleteCheckpointsAreSkippedByLatest) {
   EXPECT_EQ(latest->filename(), "step_00000100");
   EXPECT_EQ(skipped.size(), 2u);
   EXPECT_THROW(load_checkpoint(p300), CheckpointError);
+}
+
+// Regression (fuzzing, issue 22): the manifest's file names were joined to the checkpoint path
+// unchecked, so a manifest naming "../x.safetensors" with x's true size and SHA-256 verified and
+// loaded a file outside the checkpoint. Names must be plain file names; sizes and digests must
+// have their types (a string "bytes" used to escape as a JSON type error).
+TEST_F(CheckpointFiles, ManifestNamesStayInsideTheCheckpoint) {
+  const auto path = save_checkpoint(dir_ / "run", make_checkpoint(100));
+  const auto outside = dir_ / "outside.safetensors";
+  save_safetensors(outside, {{"w", torch::full({2, 2}, 42.0f)}});
+  auto manifest = nlohmann::json::parse(slurp(path / "manifest.json"));
+  const auto good = manifest;
+  auto write = [&](const nlohmann::json& m) { std::ofstream(path / "manifest.json", std::ios::trunc) << m.dump(2); };
+  const std::string content = slurp(outside);
+  for (const std::string name : {"../../outside.safetensors", "/etc/passwd", "..", ".", "sub/model.safetensors", ""}) {
+    manifest = good;
+    manifest["files"][name] = {{"bytes", content.size()}, {"sha256", sha256_hex(content.data(), content.size())}};
+    write(manifest);
+    EXPECT_NE(verify_checkpoint(path).find("not a plain file name"), std::string::npos)
+        << name << ": " << verify_checkpoint(path);
+    EXPECT_THROW(load_checkpoint(path), CheckpointError) << name;
+  }
+  for (const nlohmann::json& info :
+       {nlohmann::json{{"bytes", "12"}, {"sha256", std::string(64, 'a')}},
+        nlohmann::json{{"bytes", -1}, {"sha256", std::string(64, 'a')}}, nlohmann::json{{"bytes", 1}, {"sha256", "abc"}},
+        nlohmann::json{{"bytes", 1}}, nlohmann::json(3)}) {
+    manifest = good;
+    manifest["files"]["model.safetensors"] = info;
+    write(manifest);
+    EXPECT_NE(verify_checkpoint(path).find("files.model.safetensors: not {\"bytes\""), std::string::npos)
+        << info.dump() << ": " << verify_checkpoint(path);
+  }
+  manifest = good;
+  manifest["version"] = "1";
+  write(manifest);
+  EXPECT_EQ(verify_checkpoint(path), "checkpoint format version \"1\"; this difftrain reads version 1");
+  write(good);
+  EXPECT_EQ(verify_checkpoint(path), "");
+  EXPECT_EQ(parse_checkpoint_manifest(slurp(path / "manifest.json")).size(), good["files"].size());
+}
+
+// Regression (UBSan, issue 22): a tensor with no elements has no data; reading one must not pass
+// its null data pointer to memcpy. Its header entry has equal offsets, also at the end of the data.
+TEST_F(CheckpointFiles, SafetensorsWithEmptyTensorsRoundTrip) {
+  const NamedTensors tensors = {
+      {"empty", torch::zeros({0, 3})}, {"w", torch::arange(6, torch::kFloat)}, {"last", torch::zeros({2, 0}, torch::kByte)}};
+  save_safetensors(dir_ / "e.safetensors", tensors);
+  const auto back = load_safetensors(dir_ / "e.safetensors");
+  ASSERT_EQ(back.tensors.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(back.tensors[i].first, tensors[i].first);
+    EXPECT_TRUE(torch::equal(back.tensors[i].second, tensors[i].second)) << tensors[i].first;
+  }
+  const auto header = parse_safetensors_header(slurp(dir_ / "e.safetensors"), "e");
+  ASSERT_EQ(header.entries.size(), 3u);
+  EXPECT_EQ(header.entries.back().begin, header.entries.back().end);
+  EXPECT_EQ(header.entries.back().end, 24u);  // 6 floats of data in all
 }
 
 TEST_F(CheckpointFiles, RotationKeepsTheLastKAndEveryNth) {

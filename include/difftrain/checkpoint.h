@@ -18,13 +18,11 @@
 #include <string>
 #include <vector>
 
+#include "difftrain/checkpoint_manifest.h"  // kCheckpointFormat, kCheckpointFormatVersion
 #include "difftrain/errors.h"
 #include "difftrain/safetensors.h"
 
 namespace difftrain {
-
-constexpr int kCheckpointFormatVersion = 1;
-inline constexpr const char* kCheckpointFormat = "difftrain-checkpoint";
 
 class CheckpointError : public RuntimeError {
  public:

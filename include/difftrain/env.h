@@ -11,6 +11,8 @@
 #include <c10/core/Device.h>
 #include <nlohmann/json_fwd.hpp>
 
+#include "difftrain/device_spec.h"  // run.device's grammar
+
 namespace difftrain {
 
 struct GpuInfo {
@@ -61,17 +63,6 @@ std::string cpu_capability();
 
 // Set LibTorch's intra-op threads: 0 = all hardware threads. Returns the count in effect.
 int configure_threads(int num_threads);
-
-// The one device grammar, of run.device and of every --device: "auto", "cpu", "cuda" or "cuda:N"
-// with N one to three decimal digits (0 .. kMaxCudaDeviceIndex; no sign, no spaces). Whether GPU N
-// exists is resolve_device's question, not the grammar's.
-inline constexpr int kMaxCudaDeviceIndex = 999;
-inline constexpr const char* kDeviceGrammar = "auto | cpu | cuda | cuda:N (N = 0..999)";  // for error messages
-struct DeviceSpec {
-  enum class Kind { auto_, cpu, cuda } kind = Kind::auto_;
-  std::optional<int> index;  // N of "cuda:N"; nullopt for "cuda", "auto" and "cpu"
-};
-std::optional<DeviceSpec> parse_device_spec(std::string_view spec);  // nullopt: not in the grammar
 
 // Resolves a device spelling (run.device's grammar above) against the environment.
 // "cuda*" without usable CUDA throws UsageError naming the cause; "auto" falls back to the CPU

@@ -27,18 +27,6 @@ class Distributed : public TrainRun {
     return {"RANK=" + std::to_string(rank), "LOCAL_RANK=" + std::to_string(rank), "WORLD_SIZE=" + std::to_string(world),
             "LOCAL_WORLD_SIZE=" + std::to_string(world), "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + std::to_string(master_port)};
   }
-  // Largest |a - b| over every weight of two checkpoints' model.safetensors.
-  double max_weight_difference(const fs::path& a, const fs::path& b) const {
-    const auto x = read_safetensors_f32(a / "model.safetensors"), y = read_safetensors_f32(b / "model.safetensors");
-    EXPECT_EQ(x.size(), y.size());
-    double d = 0;
-    for (const auto& [name, values] : x) {
-      const auto& other = y.at(name);
-      EXPECT_EQ(values.size(), other.size()) << name;
-      for (size_t i = 0; i < values.size() && i < other.size(); ++i) d = std::max(d, static_cast<double>(std::abs(values[i] - other[i])));
-    }
-    return d;
-  }
 };
 
 // 2 ranks with per-rank batch B train the same weights as 1 rank with batch 2B. The two differ

@@ -9,12 +9,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
-#include <cstring>
-#include <map>
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -182,6 +184,20 @@ inline std::map<std::string, std::vector<float>> read_safetensors_f32(const fs::
     out[name] = std::move(values);
   }
   return out;
+}
+
+// Largest |a - b| over every weight of two checkpoints' model.safetensors.
+inline double max_weight_difference(const fs::path& a, const fs::path& b) {
+  const auto x = read_safetensors_f32(a / "model.safetensors"), y = read_safetensors_f32(b / "model.safetensors");
+  EXPECT_EQ(x.size(), y.size());
+  double d = 0;
+  for (const auto& [name, values] : x) {
+    const auto& other = y.at(name);
+    EXPECT_EQ(values.size(), other.size()) << name;
+    for (size_t i = 0; i < values.size() && i < other.size(); ++i)
+      d = std::max(d, static_cast<double>(std::abs(values[i] - other[i])));
+  }
+  return d;
 }
 
 }  // namespace difftrain::test
