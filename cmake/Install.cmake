@@ -52,6 +52,13 @@ set_target_properties(difftrain PROPERTIES INSTALL_RPATH "${DIFFTRAIN_INSTALL_RP
 message(STATUS "difftrain: installed binary's RPATH: ${DIFFTRAIN_INSTALL_RPATH}")
 
 install(TARGETS difftrain RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+# A sanitized build's static libraries need the sanitizer runtimes wherever they are linked: the
+# link option travels with the exported targets (the install_package test links a consumer).
+if(DIFFTRAIN_SANITIZERS)
+  foreach(_t difftrain_core difftrain_log difftrain_formats difftrain_metrics difftrain_util)
+    target_link_options(${_t} INTERFACE -fsanitize=${DIFFTRAIN_SANITIZERS})
+  endforeach()
+endif()
 install(TARGETS difftrain_core difftrain_log difftrain_formats difftrain_metrics difftrain_util difftrain_torch
         EXPORT difftrainTargets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}

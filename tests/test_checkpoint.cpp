@@ -234,7 +234,7 @@ TEST_F(CheckpointFiles, CorruptAndIncompleteCheckpointsAreSkippedByLatest) {
   EXPECT_THROW(load_checkpoint(p300), CheckpointError);
 }
 
-// Regression (fuzzing, issue 22): the manifest's file names were joined to the checkpoint path
+// Regression (issue 22, found while writing the manifest's fuzz target): the manifest's file names were joined to the checkpoint path
 // unchecked, so a manifest naming "../x.safetensors" with x's true size and SHA-256 verified and
 // loaded a file outside the checkpoint. Names must be plain file names; sizes and digests must
 // have their types (a string "bytes" used to escape as a JSON type error).
@@ -273,7 +273,7 @@ TEST_F(CheckpointFiles, ManifestNamesStayInsideTheCheckpoint) {
   EXPECT_EQ(parse_checkpoint_manifest(slurp(path / "manifest.json")).size(), good["files"].size());
 }
 
-// Regression (UBSan, issue 22): a tensor with no elements has no data; reading one must not pass
+// Regression (issue 22, found while splitting out the header parser): a tensor with no elements has no data; reading one must not pass
 // its null data pointer to memcpy. Its header entry has equal offsets, also at the end of the data.
 TEST_F(CheckpointFiles, SafetensorsWithEmptyTensorsRoundTrip) {
   const NamedTensors tensors = {
