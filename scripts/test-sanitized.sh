@@ -37,6 +37,8 @@ common="log_path=$reports/report:print_stacktrace=1"
 export ASAN_OPTIONS="$common:detect_leaks=1:protect_shadow_gap=0:verify_asan_link_order=0"
 export LSAN_OPTIONS="$common:suppressions=$supp/lsan.supp"
 export UBSAN_OPTIONS="$common:suppressions=$supp/ubsan.supp"
+# Tests scale the margins that cover a process's start-up (tests/test_paths.h).
+export DIFFTRAIN_TEST_SANITIZER=$mode DIFFTRAIN_TEST_TIME_SCALE=4
 export TSAN_OPTIONS="$common:suppressions=$supp/tsan.supp:second_deadlock_stack=1"
 ctest --test-dir "$build" --output-on-failure -j "$(nproc)" "${select[@]}" "$@"
 rc=$?

@@ -35,4 +35,16 @@ inline std::string fashion_mnist_dir() { return path_from_env("DIFFTRAIN_TEST_DA
 // EADDRINUSE on 34934).
 inline int rendezvous_port(int offset) { return 10000 + static_cast<int>(::getpid() % 2700) * 8 + offset; }
 
+// Under a sanitizer (scripts/test-sanitized.sh exports these) processes start and run several times
+// slower: margins that cover a process's start-up scale by DIFFTRAIN_TEST_TIME_SCALE (default 1);
+// DIFFTRAIN_TEST_SANITIZER names the sanitizer ("asan", "tsan"; empty otherwise).
+inline double time_scale() {
+  const char* v = std::getenv("DIFFTRAIN_TEST_TIME_SCALE");
+  return v && std::atof(v) >= 1 ? std::atof(v) : 1.0;
+}
+inline std::string sanitizer() {
+  const char* v = std::getenv("DIFFTRAIN_TEST_SANITIZER");
+  return v ? v : "";
+}
+
 }  // namespace difftrain::test

@@ -181,7 +181,7 @@ TEST_F(TwoHosts, ALostHostFailsTheOtherWithinTheTimeoutAndResumeIsBitExact) {
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   wait_for(b);
   EXPECT_NE(code, 0) << err("k_a");
-  EXPECT_LT(secs, 30) << "host A must give up within distributed.timeout_s = 30 s";
+  EXPECT_LT(secs, 30 * time_scale()) << "host A must give up within distributed.timeout_s = 30 s";
   std::cout << "host A exited " << code << " " << secs << " s after host B was killed\n";
   EXPECT_NE(err("k_a").find("failed with exit code"), std::string::npos) << err("k_a");
   EXPECT_NE(err("k_a").find("distributed"), std::string::npos) << err("k_a");
@@ -201,7 +201,7 @@ TEST_F(TwoHosts, ALostHostFailsTheOtherWithinTheTimeoutAndResumeIsBitExact) {
   const double cut_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - cut).count();
   wait_for(cb);
   EXPECT_NE(cut_code, 0) << err("c_a");
-  EXPECT_LT(cut_secs, 20 + 10) << err("c_a");
+  EXPECT_LT(cut_secs, 20 + 10 * time_scale()) << err("c_a");
   EXPECT_NE(err("c_a").find("distributed.timeout_s = 20"), std::string::npos) << err("c_a");
   std::cout << "host A exited " << cut_code << " " << cut_secs << " s after host B's link was cut\n";
   ASSERT_TRUE(sh(ip_ + " -n " + ns_[1] + " link set " + dev_[1] + " up"));
@@ -227,7 +227,7 @@ TEST_F(TwoHosts, AClosedMasterPortIsAClearErrorAndASkewedClockChangesNothing) {
           "closed");
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   EXPECT_EQ(code, 2) << err("closed");
-  EXPECT_LT(secs, 10 + 15) << err("closed");
+  EXPECT_LT(secs, 10 + 15 * time_scale()) << err("closed");  // the timeout, and the start-up before it
   std::cout << "closed master port: exit " << code << " after " << secs << " s\n";
   EXPECT_NE(
       err("closed").find(std::string("cannot reach the TCPStore at ") + kAddr[0] + ":" + std::to_string(rendezvous_port(3))),
@@ -236,6 +236,7 @@ TEST_F(TwoHosts, AClosedMasterPortIsAClearErrorAndASkewedClockChangesNothing) {
 
   const std::string faketime = find_tool("faketime");
   if (faketime.empty()) GTEST_SKIP() << "no faketime (Debian's faketime package) for the clock-skew check";
+  if (sanitizer() == "tsan") GTEST_SKIP() << "libfaketime's pthread wrappers bypass TSan's interceptors (false lock reports)";
   const auto train = [&](const std::string& name) {
     return args(name, 10,
                 {"--set", "train.batch_size=4", "--set", "logging.sample_every=0", "--set", "sampling.num_final_samples=0",
