@@ -46,7 +46,16 @@ SafetensorsHeader parse_safetensors_header(std::string_view bytes, const std::st
     e.name = name;
     try {
       e.dtype = entry.at("dtype").get<std::string>();
+      // Integers only: converting a JSON float such as 3e20 to an integer is undefined behaviour
+      // (UBSan found it by fuzzing this parser).
+      auto integers = [](const nlohmann::json& j) {
+        return j.is_array() && std::all_of(j.begin(), j.end(), [](const auto& v) { return v.is_number_integer(); });
+      };
+      if (!integers(entry.at("shape"))) throw bad("tensor " + name + ": shape is not a list of integers");
+      if (!integers(entry.at("data_offsets"))) throw bad("tensor " + name + ": data_offsets is not a list of integers");
       e.shape = entry.at("shape").get<std::vector<int64_t>>();
+      for (const auto& v : entry.at("data_offsets"))
+        if (!v.is_number_unsigned()) throw bad("tensor " + name + " has a negative data offset");
       const auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
       if (offsets.size() != 2 || offsets[0] > offsets[1] || offsets[1] > data_size)
         throw bad("tensor " + name + " has data_offsets outside the " + std::to_string(data_size) + " data bytes");

@@ -152,6 +152,17 @@ TEST_F(CheckpointFiles, SafetensorsRejectsMalformedFilesByName) {
   std::string garbled = bytes;
   garbled[9] = '!';
   expect_error(garbled, "header not JSON");
+  // Regression (issue 22, the safetensors fuzz target under UBSan): a float where an integer belongs
+  // was converted to int64 out of range, which is undefined behaviour: this fails under UBSan
+  // (make test-asan) without the fix; an uninstrumented build rejected the file later anyway.
+  for (const std::string entry : {R"({"w":{"dtype":"F32","shape":[3.18447e20],"data_offsets":[0,4]}})",
+                                  R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4.5]}})",
+                                  R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[-1,4]}})"}) {
+    std::string header = entry;
+    header.append((8 - header.size() % 8) % 8, ' ');
+    const uint64_t n = header.size();
+    expect_error(std::string(reinterpret_cast<const char*>(&n), 8) + header + std::string(4, '\0'), entry);
+  }
 }
 
 Checkpoint make_checkpoint(int64_t step) {
