@@ -153,8 +153,8 @@ TEST_F(CheckpointFiles, SafetensorsRejectsMalformedFilesByName) {
   garbled[9] = '!';
   expect_error(garbled, "header not JSON");
   // Regression (issue 22, the safetensors fuzz target under UBSan): a float where an integer belongs
-  // was converted to int64 out of range, which is undefined behaviour: this fails under UBSan
-  // (make test-asan) without the fix; an uninstrumented build rejected the file later anyway.
+  // was converted to int64 out of range, which is undefined behaviour (UBSan reports it under
+  // make test-asan); an uninstrumented build rejected the file later anyway.
   for (const std::string entry : {R"({"w":{"dtype":"F32","shape":[3.18447e20],"data_offsets":[0,4]}})",
                                   R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4.5]}})",
                                   R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[-1,4]}})"}) {
