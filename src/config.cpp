@@ -583,6 +583,11 @@ json parse_file(const std::string& path) {
     if (auto p = reason.find(": "); p != std::string::npos && reason.find("parse error") != std::string::npos)
       reason = reason.substr(p + 2);  // drop nlohmann's "[json.exception...] parse error at ..." prefix
     throw ConfigError({fmt::format("{}:{}: invalid JSON: {}", path, line_col(text, e.byte), reason)}, "cannot read configuration");
+  } catch (const json::exception& e) {  // out_of_range 406: a number beyond a double (1e400), found by fuzzing
+    std::string reason = e.what();
+    if (auto p = reason.find("] "); p != std::string::npos) reason = reason.substr(p + 2);
+    throw ConfigError({fmt::format("{}: invalid JSON: {} (beyond the range of a double)", path, reason)},
+                      "cannot read configuration");
   }
   if (!dups.empty()) throw ConfigError(dups, path);
   if (!j.is_object()) throw ConfigError({fmt::format("{}: the top level must be a JSON object, got {}", path, describe(j))}, path);

@@ -261,8 +261,25 @@ Image decode_image(const uint8_t* data, size_t size, const std::string& name, in
   return is_jpeg(data, size) ? decode_jpeg(data, size, name, jpeg_min_side) : decode_stb(data, size, name);
 }
 
+// Every PNG chunk up to IEND must fit in the file: stb_image grows its IDAT buffer to a chunk's
+// claimed length before reading it, so a 171-byte file claiming a 1 GiB chunk made it allocate
+// 2 GiB (found by fuzzing).
+static void check_png_chunks(const uint8_t* data, size_t size, const std::string& name) {
+  size_t at = 8;  // after the signature
+  while (size - at >= 8) {
+    const uint32_t len = be32(data + at);
+    const std::string type(reinterpret_cast<const char*>(data + at + 4), 4);
+    if (len > size - at - 8 || size - at - 8 - len < 4)  // data, then a 4-byte CRC
+      throw FormatError(at_offset(name, at) + ": corrupt PNG (a chunk claims " + std::to_string(len) + " bytes; " +
+                        std::to_string(size - at - 8) + " remain in the file)");
+    if (type == "IEND") return;
+    at += 12 + static_cast<size_t>(len);
+  }
+}
+
 Image decode_stb(const uint8_t* data, size_t size, const std::string& name) {
   if (size >= (size_t{1} << 31)) throw FormatError(name + ": more than the 2 GiB an image may have");
+  if (is_png(data, size)) check_png_chunks(data, size, name);
   int w = 0, h = 0, c = 0;
   std::unique_ptr<stbi_uc, void (*)(void*)> px(stbi_load_from_memory(data, static_cast<int>(size), &w, &h, &c, 0), stbi_image_free);
   if (!px) throw FormatError(name + ": cannot decode image (" + stb_reason() + ")");

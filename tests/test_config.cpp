@@ -181,6 +181,18 @@ TEST(ConfigFile, InvalidJsonGivesLineAndColumn) {
   EXPECT_NE(err.find(p.string() + ":4:3: invalid JSON"), std::string::npos) << err;
 }
 
+// Fuzzing found that a number beyond a double escaped as nlohmann's out_of_range (not a
+// parse_error) and ended the process.
+TEST(ConfigFile, NumberBeyondADoubleIsAConfigError) {
+  for (const char* number : {"1e30832", "-1e400"}) {
+    const auto p = temp_file("huge.json", std::string(R"({"model": {"sample_size": )") + number + "}}");
+    const std::string err = load_error(p);
+    EXPECT_NE(err.find(p.string() + ": invalid JSON: number overflow parsing '" + number + "' (beyond the range of a double)"),
+              std::string::npos)
+        << err;
+  }
+}
+
 TEST(ConfigFile, DuplicateKeyIsRejectedWithPath) {
   const auto p = temp_file("dup.json", R"({"train": {"batch_size": 8, "batch_size": 16}})");
   const std::string err = load_error(p);

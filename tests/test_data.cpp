@@ -351,6 +351,22 @@ TEST(Formats, DecodeErrorsAlwaysSayWhy) {
     EXPECT_NE(what.find("zero.png: cannot decode image (corrupt or cut-short data, stb_image gave no reason)"), std::string::npos)
         << what;
   }
+  // A chunk that claims more bytes than the file holds (fuzzing: stb_image allocated 2 GiB for
+  // this 171-byte file's IDAT before finding the data missing). Here: the IEND chunk moved past a
+  // chunk claiming 2^30 bytes.
+  auto liar = png;
+  const std::vector<uint8_t> claim = {0x40, 0x00, 0x00, 0x00, 't', 'E', 'X', 't'};
+  liar.insert(liar.end() - 12, claim.begin(), claim.end());
+  const size_t liar_at = liar.size() - 12 - claim.size();
+  try {
+    formats::decode_image(liar.data(), liar.size(), "liar.png");
+    ADD_FAILURE() << "accepted";
+  } catch (const formats::FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("liar.png (offset " + std::to_string(liar_at) + "): corrupt PNG (a chunk claims " +
+                                         std::to_string(1u << 30) + " bytes; 12 remain in the file)"),
+              std::string::npos)
+        << e.what();
+  }
   // The file check agrees with the check in memory and reads only the ends of a large file.
   const fs::path big = fs::temp_directory_path() / ("difftrain_big_" + std::to_string(::getpid()) + ".png");
   std::vector<uint8_t> noise(3 * 256 * 256);
