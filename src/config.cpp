@@ -466,9 +466,35 @@ const std::vector<Rule>& rules() {
            e.push_back(fmt::format("diffusion.rescale_betas_zero_snr: needs diffusion.prediction_type = v_prediction, got {}",
                                    to_string(c.diffusion.prediction_type)));
        }},
-      {"`sampling.num_inference_steps` <= `diffusion.num_train_timesteps`.",
+      {"`diffusion.formulation` = edm samples with `sampling.sampler` = heun or euler, and ddpm with the others; edm "
+       "needs `diffusion.sigma_min` < `diffusion.sigma_max`, and takes no `diffusion.snr_gamma` and only "
+       "`diffusion.prediction_type` = epsilon (its preconditioned output is neither ε, v nor x₀).",
        [](const Config& c, Errors& e) {
-         if (c.sampling.num_inference_steps > c.diffusion.num_train_timesteps)
+         const auto& d = c.diffusion;
+         const bool edm = d.formulation == Formulation::edm;
+         if (edm != is_edm_sampler(c.sampling.sampler))
+           e.push_back(
+               fmt::format("sampling.sampler: {} is {}; with diffusion.formulation = {} use {}", to_string(c.sampling.sampler),
+                           edm ? "a DDPM sampler" : "an EDM sampler", to_string(d.formulation),
+                           edm ? "heun or euler" : "ddpm, ddim, dpm_solver_multistep, unipc_multistep or euler_ancestral"));
+         if (!edm) return;
+         if (!(d.sigma_min < d.sigma_max))
+           e.push_back(fmt::format("diffusion.sigma_min: {} must be below diffusion.sigma_max = {}", number_text(d.sigma_min),
+                                   number_text(d.sigma_max)));
+         if (d.snr_gamma)
+           e.push_back(
+               fmt::format("diffusion.snr_gamma: {} is a DDPM loss weighting; with diffusion.formulation = edm the loss "
+                           "weight is λ(σ) of Karras et al. (set snr_gamma to null)",
+                           number_text(*d.snr_gamma)));
+         if (d.prediction_type != PredictionType::epsilon)
+           e.push_back(
+               fmt::format("diffusion.prediction_type: {} is not defined for diffusion.formulation = edm (the network "
+                           "output is preconditioned by c_skip and c_out); keep epsilon",
+                           to_string(d.prediction_type)));
+       }},
+      {"`sampling.num_inference_steps` <= `diffusion.num_train_timesteps` (ddpm).",
+       [](const Config& c, Errors& e) {
+         if (c.diffusion.formulation == Formulation::ddpm && c.sampling.num_inference_steps > c.diffusion.num_train_timesteps)
            e.push_back(fmt::format("sampling.num_inference_steps: {} exceeds diffusion.num_train_timesteps = {}",
                                    c.sampling.num_inference_steps, c.diffusion.num_train_timesteps));
        }},
@@ -611,6 +637,10 @@ void check_values(const Config& cfg, Errors& errs) {
 // what diffusers' get_scheduler accepts (the LR ends below its peak), so it is not an error; the
 // default (100) is capped so that a short run (smoke test, max_steps = 20) trains as asked.
 void adjust_defaults(const nlohmann::ordered_json& j, Config& cfg, std::vector<std::string>* notes) {
+  // The default sampler is a DDPM one; an EDM run without a sampler takes Algorithm 1 (heun).
+  const bool sampler_given = j.contains("sampling") && j["sampling"].is_object() && j["sampling"].contains("sampler");
+  if (cfg.diffusion.formulation == Formulation::edm && !sampler_given && !is_edm_sampler(cfg.sampling.sampler))
+    cfg.sampling.sampler = Sampler::heun;
   auto& t = cfg.train;
   if (t.lr_warmup_steps <= t.max_steps) return;
   const bool warmup_given = j.contains("train") && j["train"].is_object() && j["train"].contains("lr_warmup_steps");

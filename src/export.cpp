@@ -129,6 +129,21 @@ json diffusers_unet_config(const ModelConfig& m) {
 
 json diffusers_scheduler_config(const DiffusionConfig& d) {
   json j;
+  if (d.formulation == Formulation::edm) {
+    // EDMEulerScheduler with prediction_type "epsilon" is Table 1's preconditioning exactly:
+    // c_in x as the model input, c_noise = ¼ ln σ as its timestep, D = c_skip x + c_out F.
+    j["_class_name"] = "EDMEulerScheduler";
+    j["_diffusers_version"] = kDiffusersVersion;
+    j["sigma_min"] = d.sigma_min;
+    j["sigma_max"] = d.sigma_max;
+    j["sigma_data"] = d.sigma_data;
+    j["sigma_schedule"] = "karras";
+    j["num_train_timesteps"] = d.num_train_timesteps;
+    j["prediction_type"] = "epsilon";
+    j["rho"] = d.rho;
+    j["final_sigmas_type"] = "zero";
+    return j;
+  }
   j["_class_name"] = "DDPMScheduler";
   j["_diffusers_version"] = kDiffusersVersion;
   j["num_train_timesteps"] = d.num_train_timesteps;
@@ -275,7 +290,10 @@ void export_diffusers(const fs::path& out_dir, const ModelConfig& model, const D
   write_file_atomic(out_dir / kDiffusersWeightsFile, safetensors_bytes(tensors, metadata));
   write_file_atomic(out_dir / "config.json", diffusers_unet_config(model).dump(2) + "\n");
   write_file_atomic(out_dir / "scheduler_config.json", diffusers_scheduler_config(diffusion).dump(2) + "\n");
-  write_file_atomic(out_dir / "model_index.json", diffusers_model_index().dump(2) + "\n");
+  // diffusers has no pipeline for an unconditional EDM UNet: its folder is the model and the scheduler.
+  if (diffusion.formulation == Formulation::ddpm)
+    write_file_atomic(out_dir / "model_index.json", diffusers_model_index().dump(2) + "\n");
+  else fs::remove(out_dir / "model_index.json", ec);  // an earlier DDPM export's
 }
 
 DiffusersUNet import_diffusers(const fs::path& dir_in) {

@@ -14,9 +14,11 @@
 #include <fmt/format.h>
 
 #include "difftrain/data_formats.h"
+#include "difftrain/edm.h"
 #include "difftrain/errors.h"
 #include "difftrain/euler_ancestral.h"
 #include "difftrain/multistep.h"
+#include "difftrain/scalar_ops.h"
 
 namespace difftrain {
 
@@ -31,6 +33,7 @@ SamplingOptions SamplingOptions::from(const SamplingConfig& s) {
   o.batch_size = s.batch_size;
   o.guidance_scale = s.guidance_scale;
   o.seed = s.seed;
+  o.edm = EDMSamplerOptions::from(s);
   return o;
 }
 
@@ -62,8 +65,13 @@ at::Tensor denoise(Scheduler& scheduler, int64_t num_inference_steps, at::Tensor
 }
 }  // namespace
 
-at::Tensor generate(UNet2DModel& model, const SchedulerConfig& scheduler_cfg, const SamplingOptions& opts,
-                    const c10::Device& device) {
+namespace {
+// What every sampler shares: checks the options against the model, runs it in eval mode without
+// gradients, and denoises the samples batch by batch from z ~ N(0, I) drawn with a private
+// generator seeded by opts.seed. denoise_batch(z, unet, gen) returns the batch's x₀, where
+// unet(x_in, t) is the guided model output for timesteps t (B) (float or int64).
+template <class DenoiseBatch> at::Tensor sample_batches(UNet2DModel& model, const SamplingOptions& opts,
+                                                        const c10::Device& device, const DenoiseBatch& denoise_batch) {
   const auto& mc = model->config();
   TORCH_CHECK(opts.num_samples >= 1 && opts.batch_size >= 1, "generate: num_samples and batch_size must be >= 1");
   const bool conditional = mc.num_class_embeds.has_value();
@@ -83,66 +91,111 @@ at::Tensor generate(UNet2DModel& model, const SchedulerConfig& scheduler_cfg, co
   } restore{model, model->is_training()};
   model->eval();
 
-  TORCH_CHECK(opts.solver_order >= 1 && opts.solver_order <= 3, "generate: solver_order must be 1, 2 or 3, got ",
-              opts.solver_order);
   auto gen = at::globalContext().defaultGenerator(device).clone();  // private stream of this call
   gen.set_current_seed(static_cast<uint64_t>(opts.seed));
   const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
-
-  // Every batch through diffusers' loop with `scheduler`; step(out, t, x) is its step().
-  const auto sample_all = [&](auto& scheduler, const auto& step) {
-    std::vector<at::Tensor> batches;
-    for (int64_t start = 0; start < opts.num_samples; start += opts.batch_size) {
-      const int64_t b = std::min(opts.batch_size, opts.num_samples - start);
-      at::Tensor labels;
-      if (conditional) {
-        std::vector<int64_t> y(static_cast<size_t>(b));
-        for (int64_t i = 0; i < b; ++i) {
-          const int64_t n = start + i;
-          y[static_cast<size_t>(i)] = opts.class_labels.empty()       ? n % *mc.num_class_embeds
-                                      : opts.class_labels.size() == 1 ? opts.class_labels[0]
-                                                                      : opts.class_labels[static_cast<size_t>(n)];
-        }
-        labels = at::tensor(y, at::TensorOptions().dtype(at::kLong)).to(device);
+  std::vector<at::Tensor> batches;
+  for (int64_t start = 0; start < opts.num_samples; start += opts.batch_size) {
+    const int64_t b = std::min(opts.batch_size, opts.num_samples - start);
+    at::Tensor labels;
+    if (conditional) {
+      std::vector<int64_t> y(static_cast<size_t>(b));
+      for (int64_t i = 0; i < b; ++i) {
+        const int64_t n = start + i;
+        y[static_cast<size_t>(i)] = opts.class_labels.empty()       ? n % *mc.num_class_embeds
+                                    : opts.class_labels.size() == 1 ? opts.class_labels[0]
+                                                                    : opts.class_labels[static_cast<size_t>(n)];
       }
-      const auto x = at::randn({b, mc.in_channels, mc.sample_size, mc.sample_size}, gen, options);  // x_T ~ N(0, I)
-      const auto unet = [&](const at::Tensor& x_in, auto t) {  // (B, C, H, W); t as the scheduler keeps it
-        const auto dtype = std::is_floating_point_v<decltype(t)> ? at::kFloat : at::kLong;
-        return guided_model_output(model, x_in, at::full({b}, t, at::TensorOptions().dtype(dtype).device(device)), labels,
-                                   opts.guidance_scale);
-      };
-      batches.push_back(denoise(scheduler, opts.num_inference_steps, x, unet, step));
+      labels = at::tensor(y, at::TensorOptions().dtype(at::kLong)).to(device);
     }
-    return at::cat(batches);  // (N, C, H, W)
+    const auto z = at::randn({b, mc.in_channels, mc.sample_size, mc.sample_size}, gen, options);  // z ~ N(0, I)
+    const auto unet = [&](const at::Tensor& x_in, const at::Tensor& t) {                          // (B, C, H, W), t (B)
+      return guided_model_output(model, x_in, t, labels, opts.guidance_scale);
+    };
+    batches.push_back(denoise_batch(z, unet, gen));
+  }
+  return at::cat(batches);  // (N, C, H, W)
+}
+}  // namespace
+
+at::Tensor generate(UNet2DModel& model, const SchedulerConfig& scheduler_cfg, const SamplingOptions& opts,
+                    const c10::Device& device) {
+  TORCH_CHECK(!is_edm_sampler(opts.sampler), "generate: ", to_string(opts.sampler), " samples EDM models (an EDMConfig)");
+  TORCH_CHECK(opts.solver_order >= 1 && opts.solver_order <= 3, "generate: solver_order must be 1, 2 or 3, got ",
+              opts.solver_order);
+  // diffusers' loop with `scheduler` for every batch; step(out, t, x, gen) is its step().
+  const auto sample_all = [&](auto& scheduler, const auto& step) {
+    return sample_batches(model, opts, device, [&](const at::Tensor& z, const auto& unet, at::Generator& gen) {
+      const auto model_fn = [&](const at::Tensor& x_in, auto t) {  // t as the scheduler keeps it
+        const auto dtype = std::is_floating_point_v<decltype(t)> ? at::kFloat : at::kLong;
+        return unet(x_in, at::full({z.size(0)}, t, at::TensorOptions().dtype(dtype).device(device)));
+      };
+      return denoise(scheduler, opts.num_inference_steps, z, model_fn,
+                     [&](const at::Tensor& out, auto t, const at::Tensor& x) { return step(out, t, x, gen); });
+    });
   };
 
   switch (opts.sampler) {
     case Sampler::ddpm: {
       DDPMScheduler s(scheduler_cfg);
-      return sample_all(
-          s, [&](const at::Tensor& out, int64_t t, const at::Tensor& x) { return s.step(out, t, x, gen).prev_sample; });
+      return sample_all(s, [&](const at::Tensor& out, int64_t t, const at::Tensor& x, at::Generator& gen) {
+        return s.step(out, t, x, gen).prev_sample;
+      });
     }
     case Sampler::ddim: {
       DDIMScheduler s(scheduler_cfg);
-      return sample_all(
-          s, [&](const at::Tensor& out, int64_t t, const at::Tensor& x) { return s.step(out, t, x, opts.eta, gen).prev_sample; });
+      return sample_all(s, [&](const at::Tensor& out, int64_t t, const at::Tensor& x, at::Generator& gen) {
+        return s.step(out, t, x, opts.eta, gen).prev_sample;
+      });
     }
     case Sampler::dpm_solver_multistep: {
       DPMSolverMultistepScheduler s(scheduler_cfg, opts.solver_order, opts.use_karras_sigmas);
-      return sample_all(
-          s, [&](const at::Tensor& out, int64_t t, const at::Tensor& x) { return s.step(out, t, x, gen).prev_sample; });
+      return sample_all(s, [&](const at::Tensor& out, int64_t t, const at::Tensor& x, at::Generator& gen) {
+        return s.step(out, t, x, gen).prev_sample;
+      });
     }
     case Sampler::unipc_multistep: {
       UniPCMultistepScheduler s(scheduler_cfg, opts.solver_order, opts.use_karras_sigmas);
-      return sample_all(s, [&](const at::Tensor& out, int64_t t, const at::Tensor& x) { return s.step(out, t, x).prev_sample; });
+      return sample_all(s, [&](const at::Tensor& out, int64_t t, const at::Tensor& x, at::Generator&) {
+        return s.step(out, t, x).prev_sample;
+      });
     }
     case Sampler::euler_ancestral: {
       EulerAncestralDiscreteScheduler s(scheduler_cfg);
-      return sample_all(s,
-                        [&](const at::Tensor& out, float t, const at::Tensor& x) { return s.step(out, t, x, gen).prev_sample; });
+      return sample_all(s, [&](const at::Tensor& out, float t, const at::Tensor& x, at::Generator& gen) {
+        return s.step(out, t, x, gen).prev_sample;
+      });
     }
+    case Sampler::heun:
+    case Sampler::euler: break;
   }
   TORCH_CHECK(false, "generate: unknown sampler");
+}
+
+at::Tensor generate(UNet2DModel& model, const EDMConfig& edm, const SamplingOptions& opts, const c10::Device& device) {
+  TORCH_CHECK(is_edm_sampler(opts.sampler), "generate: an EDM model samples with heun or euler, not ", to_string(opts.sampler));
+  const auto sigmas = edm_sigmas(edm, opts.num_inference_steps);  // (N + 1) float32
+  const float sigma_0 = sigmas[0].item<float>();
+  return sample_batches(model, opts, device, [&](const at::Tensor& z, const auto& unet, at::Generator& gen) {
+    // D(x; σ) = c_skip x + c_out F(c_in x; c_noise) (Table 1); guidance combines F, which D is affine in.
+    const EDMDenoiser denoiser = [&](const at::Tensor& x, float sigma) {
+      const auto c = edm_preconditioning(scalar_ops::f32(sigma), edm.sigma_data);
+      const auto model_input = x * c.c_in.item<float>();
+      const auto out = unet(model_input, at::full({x.size(0)}, c.c_noise.item<float>(), x.options()));
+      return edm_denoised(x, out, sigma, edm.sigma_data);
+    };
+    return edm_sample(denoiser, z * sigma_0, sigmas, opts.edm, gen);  // x_0 ~ N(0, σ_0² I) (Algorithm 1, line 2)
+  });
+}
+
+at::Tensor generate(UNet2DModel& model, const DiffusionConfig& diffusion, const SamplingOptions& opts,
+                    const c10::Device& device) {
+  if (diffusion.formulation == Formulation::edm) return generate(model, EDMConfig::from(diffusion), opts, device);
+  return generate(model, SchedulerConfig::from(diffusion), opts, device);
+}
+
+int64_t sampler_nfe(const SamplingOptions& opts) {
+  return is_edm_sampler(opts.sampler) ? edm_nfe(opts.edm.heun, opts.num_inference_steps) : opts.num_inference_steps;
 }
 
 at::Tensor to_uint8(const at::Tensor& images) {

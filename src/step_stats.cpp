@@ -11,19 +11,18 @@
 
 namespace difftrain {
 
-StepStats::StepStats(const c10::Device& device, int64_t num_train_timesteps) : T_(num_train_timesteps) {
+StepStats::StepStats(const c10::Device& device) {
   const auto fopts = at::TensorOptions().dtype(at::kFloat).device(device);
   loss_sum_ = at::zeros({}, fopts), grad_norm_sum_ = at::zeros({}, fopts);
   streak_ = at::zeros({}, fopts), max_streak_ = at::zeros({}, fopts), skipped_ = at::zeros({}, fopts);
   quartile_sum_ = at::zeros({4}, fopts), quartile_count_ = at::zeros({4}, fopts);
 }
 
-void StepStats::add_micro_batch(const at::Tensor& loss, const at::Tensor& per_sample, const at::Tensor& t) {
+void StepStats::add_micro_batch(const at::Tensor& loss, const at::Tensor& per_sample, const at::Tensor& quartile) {
   c10::NoGradGuard no_grad;
   loss_sum_.add_(loss.detach());
-  const auto q = (t * 4).div(T_, "floor");  // timestep quartile, as improved-diffusion logs it
-  quartile_sum_.index_add_(0, q, per_sample.detach());
-  quartile_count_.index_add_(0, q, at::ones_like(per_sample));
+  quartile_sum_.index_add_(0, quartile, per_sample.detach());
+  quartile_count_.index_add_(0, quartile, at::ones_like(per_sample));
 }
 
 void StepStats::add_step(const at::Tensor& grad_norm, const at::Tensor& nonfinite, bool streak) {

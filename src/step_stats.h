@@ -1,6 +1,6 @@
 // The training statistics of one log interval, accumulated on the device by the step with no
-// host sync, and read by the loop at log intervals only: the mean loss and its timestep
-// quartiles (as improved-diffusion logs them), the mean gradient norm, the skipped steps, and the
+// host sync, and read by the loop at log intervals only: the mean loss and its noise-level
+// quartiles (DDPM: of the timestep, as improved-diffusion logs them; EDM: of ln σ's distribution), the mean gradient norm, the skipped steps, and the
 // longest run of consecutive non-finite steps (train.max_nonfinite_steps).
 #pragma once
 
@@ -18,11 +18,11 @@ class ProcessGroup;
 
 class StepStats {
  public:
-  StepStats(const c10::Device& device, int64_t num_train_timesteps);
+  explicit StepStats(const c10::Device& device);
 
   // One micro-batch: its loss as backpropagated (divided by the accumulation steps), and the
-  // per-sample losses (B) at timesteps t (B).
-  void add_micro_batch(const at::Tensor& loss, const at::Tensor& per_sample, const at::Tensor& t);
+  // per-sample losses (B) with the quartile (B) int64 in 0..3 of each sample's noise level, 0 the least.
+  void add_micro_batch(const at::Tensor& loss, const at::Tensor& per_sample, const at::Tensor& quartile);
   // One optimizer step: the gradient norm before clipping, and 1.0 when the step was skipped
   // as non-finite. `streak`: count consecutive non-finite steps (fp16's overflows back off the
   // loss scale instead, and are not a failing run).
@@ -42,7 +42,6 @@ class StepStats {
   double max_streak() const;  // the longest run of non-finite steps so far (a host sync)
 
  private:
-  int64_t T_;
   at::Tensor loss_sum_, grad_norm_sum_, streak_, max_streak_, skipped_;  // 0-d float
   at::Tensor quartile_sum_, quartile_count_;                             // (4) float
 };

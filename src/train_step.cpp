@@ -1,5 +1,5 @@
-// The training step (Ho et al. 2020, Algorithm 1): the micro-steps (draw t and ε for the global
-// batch, x_t = add_noise, forward, loss, backward), the gradient all-reduce, and the optimizer
+// The training step (Ho et al. 2020, Algorithm 1; or EDM's, Karras et al. 2022 §5): the micro-steps
+// (draw the noise level and ε for the global batch, the noisy sample, forward, loss, backward), the gradient all-reduce, and the optimizer
 // step (unscale, clip, AdamW, EMA, statistics); with train.cuda_graph, both halves captured
 // after kWarmupSteps eager steps and replayed. No host sync anywhere in it.
 #include <chrono>
@@ -18,6 +18,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include "difftrain/distributed.h"
+#include "difftrain/edm.h"
 #include "difftrain/log.h"
 #include "trainer_impl.h"
 
@@ -85,38 +86,63 @@ void Trainer::Impl::micro_step(const at::Tensor& x0, const at::Tensor& class_lab
   shape[0] = B * W;
   auto mine = [&](const at::Tensor& global) { return W == 1 ? global : global.slice(0, rank_, B * W, W); };
   const bool conditional = cfg_.model.num_class_embeds.has_value();
-  at::Tensor noise, t, drop_u;
+  const bool edm = cfg_.diffusion.formulation == Formulation::edm;
+  // The noise level: DDPM's t ~ U{0..T-1}; EDM's z ~ N(0, 1) for ln σ = P_mean + P_std z.
+  const auto level_options = edm ? x0.options() : at::TensorOptions().dtype(at::kLong).device(dev);
+  at::Tensor noise, level, drop_u;
   if (capturable_) {
     // Static buffers drawn in place, in the order and with the ops at::randn/randint/rand use
     // (empty + normal_/random_/uniform_): the same numbers as the plain path below.
     if (!noise_static_.defined()) {
       noise_static_ = at::empty(shape, x0.options());
-      t_static_ = at::empty({B * W}, at::TensorOptions().dtype(at::kLong).device(dev));
+      t_static_ = at::empty({B * W}, level_options);
       if (conditional) drop_static_ = at::empty({B * W}, x0.options());
     }
     noise = mine(noise_static_.normal_(0, 1, generator_));
-    t = mine(t_static_.random_(0, T, generator_));
+    level = mine(edm ? t_static_.normal_(0, 1, generator_) : t_static_.random_(0, T, generator_));
     if (conditional) drop_u = mine(drop_static_.uniform_(0, 1, generator_));
   } else {
-    noise = mine(at::randn(shape, generator_, x0.options()));                                         // ε ~ N(0, I)
-    t = mine(at::randint(T, {B * W}, generator_, at::TensorOptions().dtype(at::kLong).device(dev)));  // t ~ U{0..T-1}
+    noise = mine(at::randn(shape, generator_, x0.options()));  // ε ~ N(0, I)
+    level = mine(edm ? at::randn({B * W}, generator_, level_options) : at::randint(T, {B * W}, generator_, level_options));
     if (conditional) drop_u = mine(at::rand({B * W}, generator_, x0.options()));
   }
   at::Tensor labels;
   if (conditional)  // classifier-free guidance training: the null class with p = class_dropout_prob
     labels = at::where(drop_u < tc.class_dropout_prob, model_->null_class(), class_labels);
-  auto x_t = schedule_.add_noise(x0, noise, t);  // Ho et al. eq. 4
-  if (memory_format_ != at::MemoryFormat::Contiguous) x_t = x_t.contiguous(memory_format_);
+  at::Tensor model_input, timesteps, x_noisy, sigma;
+  EDMPreconditioning c;
+  const double sigma_data = cfg_.diffusion.sigma_data;
+  if (edm) {
+    sigma = edm_training_sigma(level, EDMConfig::from(cfg_.diffusion));  // (B)
+    const auto s = sigma.view({B, 1, 1, 1});
+    c = edm_preconditioning(s, sigma_data);
+    x_noisy = x0 + noise * s;  // y + n, n ~ N(0, σ² I)
+    model_input = x_noisy * c.c_in;
+    timesteps = c.c_noise.view({B});  // c_noise = ¼ ln σ, the UNet's (float) timestep
+  } else {
+    model_input = schedule_.add_noise(x0, noise, level);  // x_t, Ho et al. eq. 4
+    timesteps = level;
+  }
+  if (memory_format_ != at::MemoryFormat::Contiguous) model_input = model_input.contiguous(memory_format_);
   at::Tensor out;
   {
     AutocastScope autocast(dev.type(), autocast_);
-    out = model_->forward(x_t, t, labels);
+    out = model_->forward(model_input, timesteps, labels);
   }
-  const auto per_sample =
-      diffusion_loss(out, schedule_.training_target(x0, noise, t), schedule_.loss_weights(t, cfg_.diffusion.snr_gamma));  // (B)
+  at::Tensor per_sample, quartile;  // (B)
+  if (edm) {
+    // λ(σ) ‖D(y + n; σ) - y‖² with D = c_skip x + c_out F (Karras et al. eq. 2, 7 and Table 1).
+    const auto denoised = c.c_skip * x_noisy + c.c_out * out.to(at::kFloat);
+    per_sample = diffusion_loss(denoised, x0, edm_loss_weight(sigma, sigma_data));
+    quartile = edm_sigma_quartile(level);
+  } else {
+    per_sample =
+        diffusion_loss(out, schedule_.training_target(x0, noise, level), schedule_.loss_weights(level, cfg_.diffusion.snr_gamma));
+    quartile = (level * 4).div(T, "floor");  // timestep quartile, as improved-diffusion logs it
+  }
   const auto loss = per_sample.mean() / static_cast<double>(k);
   (scaler_ ? scaler_->scale(loss) : loss).backward();
-  stats_.add_micro_batch(loss, per_sample, t);
+  stats_.add_micro_batch(loss, per_sample, quartile);
 }
 
 void Trainer::Impl::optimizer_step(double lr, bool keep_grads) {

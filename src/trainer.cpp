@@ -180,9 +180,10 @@ void Trainer::Impl::write_sample_grid() {
   const auto opts = SamplingOptions::from(cfg_.sampling);
   auto& model = cfg_.sampling.use_ema && ema_ ? ema_model_ : model_;
   const fs::path path = opts_.run_dir / "samples" / (checkpoint_dir_name(step_) + ".png");
-  const auto grid = save_sample_grid(path, to_uint8(generate(model, schedule_.config(), opts, opts_.device)));
+  const auto grid = save_sample_grid(path, to_uint8(generate(model, cfg_.diffusion, opts, opts_.device)));
   if (metrics_) metrics_->image("samples", step_, grid.const_data_ptr<uint8_t>(), grid.size(0), grid.size(1), grid.size(2));
-  log_info("samples {}", path.string());
+  log_info("samples {} ({} {} steps, NFE {})", path.string(), to_string(opts.sampler), opts.num_inference_steps,
+           sampler_nfe(opts));
 }
 
 void Trainer::Impl::write_final_samples() {
@@ -192,11 +193,11 @@ void Trainer::Impl::write_final_samples() {
   const fs::path dir = opts_.run_dir / "samples" / "final";
   const ProgressLine clock(false, 0, 0);
   auto& model = cfg_.sampling.use_ema && ema_ ? ema_model_ : model_;
-  log_info("generating {} samples ({} {} steps, batches of {}) for {}", opts.num_samples, to_string(opts.sampler),
-           opts.num_inference_steps, opts.batch_size, dir.string());
-  save_sample_folder(dir, to_uint8(generate(model, schedule_.config(), opts, opts_.device)).cpu());
-  log_info("{} samples ({} {} steps) in {} in {}", opts.num_samples, to_string(opts.sampler), opts.num_inference_steps,
-           duration_text(clock.elapsed()), dir.string());
+  log_info("generating {} samples ({} {} steps, {} network evaluations each, batches of {}) for {}", opts.num_samples,
+           to_string(opts.sampler), opts.num_inference_steps, sampler_nfe(opts), opts.batch_size, dir.string());
+  save_sample_folder(dir, to_uint8(generate(model, cfg_.diffusion, opts, opts_.device)).cpu());
+  log_info("{} samples ({} {} steps, NFE {}) in {} in {}", opts.num_samples, to_string(opts.sampler), opts.num_inference_steps,
+           sampler_nfe(opts), duration_text(clock.elapsed()), dir.string());
 }
 
 void Trainer::Impl::write_histograms() {

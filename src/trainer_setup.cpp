@@ -39,7 +39,7 @@ Trainer::Impl::Impl(const Config& cfg, std::shared_ptr<Dataset> dataset, Trainer
       dataset_(std::move(dataset)),
       schedule_(SchedulerConfig::from(cfg.diffusion)),
       generator_(default_generator(opts_.device).clone()),
-      stats_(opts_.device, cfg.diffusion.num_train_timesteps) {
+      stats_(opts_.device) {
   const auto& tc = cfg_.train;
   if (opts_.process_group) {
     rank_ = opts_.process_group->world().rank, world_size_ = opts_.process_group->world().world_size;

@@ -1,4 +1,5 @@
 // Config schema: strict validation with JSON paths, precedence, round trips, docs in sync.
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -150,6 +151,32 @@ const BadCase kBadCases[] = {
 INSTANTIATE_TEST_SUITE_P(Cases, BadConfig, ::testing::ValuesIn(kBadCases),
                          [](const ::testing::TestParamInfo<BadCase>& param) { return std::string(param.param.name); });
 
+// diffusion.formulation = edm: the sampler default follows it, DDPM-only settings that would change
+// the run are errors naming the key, and the samplers belong to one formulation each.
+TEST(Config, EdmFormulationRules) {
+  std::vector<std::string> notes;
+  const Config edm = load_config("", {"diffusion.formulation=edm"}, &notes);
+  EXPECT_EQ(edm.sampling.sampler, Sampler::heun);
+  const Config euler = load_config("", {"diffusion.formulation=edm", "sampling.sampler=euler"});
+  EXPECT_EQ(euler.sampling.sampler, Sampler::euler);
+  auto errs = errors_for(R"({"diffusion": {"formulation": "edm", "snr_gamma": 5, "prediction_type": "v_prediction",
+                                           "sigma_min": 90}, "sampling": {"sampler": "unipc_multistep"}})");
+  const std::string all = joined(errs);
+  EXPECT_EQ(errs.size(), 4u) << all;
+  for (const char* want :
+       {"sampling.sampler: unipc_multistep is a DDPM sampler; with diffusion.formulation = edm use heun or euler",
+        "diffusion.sigma_min: 90 must be below diffusion.sigma_max = 80", "diffusion.snr_gamma: 5 is a DDPM loss",
+        "diffusion.prediction_type: v_prediction is not defined for diffusion.formulation = edm"})
+    EXPECT_NE(all.find(want), std::string::npos) << want << "\n" << all;
+  errs = errors_for(R"({"sampling": {"sampler": "heun"}})");
+  ASSERT_EQ(errs.size(), 1u) << joined(errs);
+  EXPECT_NE(errs[0].find("sampling.sampler: heun is an EDM sampler; with diffusion.formulation = ddpm use ddpm, ddim"),
+            std::string::npos)
+      << errs[0];
+  // EDM has no discrete timesteps: more sampling steps than diffusion.num_train_timesteps are fine.
+  EXPECT_NO_THROW(load_config("", {"diffusion.formulation=edm", "sampling.num_inference_steps=2000"}));
+}
+
 TEST(Config, ReportsEveryProblemAtOnce) {
   const auto errs = errors_for(R"({"run": {"nmae": "x", "seed": -1}, "train": {"batch_size": "a"}})");
   EXPECT_EQ(errs.size(), 3u) << joined(errs);
@@ -214,7 +241,7 @@ TEST(ConfigFile, TopLevelMustBeAnObject) {
 }
 
 TEST(ConfigFile, PresetsAreValidAndMatchTheirPapers) {
-  for (const char* name : {"quickstart", "fashion_mnist", "cifar10_ddpm"}) {
+  for (const char* name : {"quickstart", "quickstart_edm", "fashion_mnist", "cifar10_ddpm", "cifar10_edm"}) {
     SCOPED_TRACE(name);
     EXPECT_NO_THROW(load_config(test::source_dir() + "/configs/" + name + ".json"));
   }
@@ -225,6 +252,37 @@ TEST(ConfigFile, PresetsAreValidAndMatchTheirPapers) {
   EXPECT_EQ(ddpm.model.down_block_types[1], BlockType::AttnDownBlock2D);
   EXPECT_DOUBLE_EQ(ddpm.model.dropout, 0.1);
   EXPECT_EQ(ddpm.data.dataset, DatasetKind::cifar10);
+  // Karras et al. 2022, Table 7 and appendix F.2 (CIFAR-10, DDPM++ in EDM's formulation): 3 levels of
+  // 256 channels at 32, 16, 8, 4 blocks each, attention at 16x16, dropout 0.13; batch 512, Adam at
+  // lr 1e-3 ramped over 10 Mimg, 200 Mimg, EMA half-life 0.5 Mimg; Heun with 18 steps (35 NFE).
+  const Config edm = load_config(test::source_dir() + "/configs/cifar10_edm.json");
+  EXPECT_EQ(edm.diffusion.formulation, Formulation::edm);
+  EXPECT_EQ(edm.diffusion, [] {
+    DiffusionConfig d;
+    d.formulation = Formulation::edm;
+    return d;
+  }()) << "Table 1's σ_min, σ_max, σ_data, ρ, P_mean, P_std are the defaults";
+  EXPECT_EQ(edm.model.block_out_channels, (std::vector<int>{256, 256, 256}));
+  EXPECT_EQ(edm.model.layers_per_block, 4);
+  EXPECT_EQ(edm.model.down_block_types[1], BlockType::AttnDownBlock2D);
+  EXPECT_DOUBLE_EQ(edm.model.dropout, 0.13);
+  EXPECT_EQ(int64_t{edm.train.batch_size} * edm.train.max_steps, int64_t{200'000'000});
+  EXPECT_NEAR(static_cast<double>(edm.train.batch_size) * edm.train.lr_warmup_steps, 10e6, 512);
+  EXPECT_DOUBLE_EQ(edm.train.learning_rate, 1e-3);
+  EXPECT_NEAR(edm.ema.decay, std::pow(0.5, 512.0 / 500e3), 1e-5);
+  EXPECT_EQ(edm.sampling.sampler, Sampler::heun);
+  EXPECT_EQ(edm.sampling.num_inference_steps, 18);
+  // The EDM quickstart is the quickstart but for its formulation, with Heun at the same 25 network
+  // evaluations as the quickstart's UniPC (13 steps: 2·13 - 1).
+  Config quick_edm = load_config(test::source_dir() + "/configs/quickstart_edm.json");
+  EXPECT_EQ(quick_edm.diffusion.formulation, Formulation::edm);
+  EXPECT_EQ(2 * quick_edm.sampling.num_inference_steps - 1,
+            load_config(test::source_dir() + "/configs/quickstart.json").sampling.num_inference_steps);
+  quick_edm.run.name = "quickstart";
+  quick_edm.diffusion = DiffusionConfig{};
+  quick_edm.diffusion.snr_gamma = 5.0;
+  quick_edm.sampling = SamplingConfig{};
+  EXPECT_EQ(quick_edm, load_config(test::source_dir() + "/configs/quickstart.json"));
   // The quickstart file is the built-in default job, but for two settings tuned for it.
   Config expected;
   expected.data.preload = true;  // Fashion-MNIST is 47 MB: the quickstart keeps it in memory (no loader threads)

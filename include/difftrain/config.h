@@ -103,6 +103,7 @@ struct ModelConfig {
 
 // diffusers DDPMScheduler arguments plus the loss weighting.
 struct DiffusionConfig {
+  Formulation formulation = Formulation::ddpm;
   int num_train_timesteps = 1000;
   double beta_start = 1e-4;
   double beta_end = 0.02;
@@ -115,8 +116,18 @@ struct DiffusionConfig {
   int steps_offset = 0;
   bool rescale_betas_zero_snr = false;
   std::optional<double> snr_gamma = std::nullopt;
+  // EDM (Karras et al. 2022, Table 1, "Ours")
+  double sigma_min = 0.002;
+  double sigma_max = 80.0;
+  double sigma_data = 0.5;
+  double rho = 7.0;
+  double p_mean = -1.2;
+  double p_std = 1.2;
 
   template <class V> void visit(V& v) {
+    v("formulation", formulation,
+      "ddpm: the discrete-time DDPM of Ho et al. 2020 (diffusers' DDPMScheduler; the keys up to snr_gamma); edm: the "
+      "preconditioned denoiser, σ sampling and loss of Karras et al. 2022 (EDM; the sigma_* to p_std keys).");
     v("num_train_timesteps", num_train_timesteps, "Diffusion steps T.", {.min = 1, .max = 100000});
     v("beta_start", beta_start, "β at t = 0.", {.min = 0, .min_open = true, .max = 1, .max_open = true});
     v("beta_end", beta_end, "β at t = T-1.", {.min = 0, .min_open = true, .max = 1, .max_open = true});
@@ -129,6 +140,15 @@ struct DiffusionConfig {
     v("steps_offset", steps_offset, "Added to every 'leading' inference timestep (Stable Diffusion uses 1).", {.min = 0, .max = 1000});
     v("rescale_betas_zero_snr", rescale_betas_zero_snr, "Rescale β to zero terminal SNR (Lin et al. 2023, Alg. 1).");
     v("snr_gamma", snr_gamma, "Min-SNR-γ loss weighting (Hang et al. 2023); null = plain MSE.", {.min = 0, .min_open = true});
+    v("sigma_min", sigma_min, "EDM: the lowest noise level σ of the sampling schedule.", {.min = 0, .min_open = true});
+    v("sigma_max", sigma_max, "EDM: the highest noise level σ; sampling starts from N(0, σ_max² I).",
+      {.min = 0, .min_open = true, .max = 1e6});
+    v("sigma_data", sigma_data, "EDM: the standard deviation of the data (in [-1, 1] units) the preconditioning assumes.",
+      {.min = 0, .min_open = true});
+    v("rho", rho, "EDM: ρ of the sampling schedule σ_i = (σ_max^(1/ρ) + i/(N-1) (σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ (eq. 5).",
+      {.min = 0, .min_open = true, .max = 100});
+    v("p_mean", p_mean, "EDM: mean of ln σ while training, ln σ ~ N(p_mean, p_std²).", {.min = -20, .max = 20});
+    v("p_std", p_std, "EDM: standard deviation of ln σ while training.", {.min = 0, .min_open = true, .max = 20});
   }
   bool operator==(const DiffusionConfig&) const = default;
 };
@@ -365,12 +385,19 @@ struct SamplingConfig {
   bool use_ema = true;
   int64_t seed = 0;
   int num_final_samples = 1000;
+  double s_churn = 0.0;
+  double s_tmin = 0.0;
+  std::optional<double> s_tmax = std::nullopt;
+  double s_noise = 1.0;
 
   template <class V> void visit(V& v) {
     v("sampler", sampler,
-      "Sampler for grids and `difftrain sample`, as diffusers names its scheduler: DDPMScheduler, "
-      "DDIMScheduler, DPMSolverMultistepScheduler (DPM-Solver++), UniPCMultistepScheduler, EulerAncestralDiscreteScheduler.");
-    v("num_inference_steps", num_inference_steps, "Denoising steps.", {.min = 1});
+      "Sampler for grids and `difftrain sample`. DDPM models, as diffusers names its scheduler: DDPMScheduler, "
+      "DDIMScheduler, DPMSolverMultistepScheduler (DPM-Solver++), UniPCMultistepScheduler, EulerAncestralDiscreteScheduler. "
+      "EDM models: heun (Karras et al. 2022, Algorithm 1; Algorithm 2 with s_churn > 0) or euler (diffusers' "
+      "EDMEulerScheduler). With diffusion.formulation = edm and no sampler given, heun.");
+    v("num_inference_steps", num_inference_steps,
+      "Denoising steps; a network evaluation each, but heun's 2N - 1 (18 steps: 35 evaluations).", {.min = 1});
     v("eta", eta, "DDIM η: 0 = deterministic, 1 = DDPM-like variance.", {.min = 0, .max = 1});
     v("solver_order", solver_order,
       "Order of dpm_solver_multistep and unipc_multistep (diffusers' solver_order); 2 for "
@@ -387,9 +414,20 @@ struct SamplingConfig {
     v("seed", seed, "Seed of the sampling noise (grids are comparable across steps).", {.min = 0});
     v("num_final_samples", num_final_samples, "Images written one PNG each to samples/final/ when training ends (for "
       "scoring); 0 = none.", {.min = 0, .max = 1000000});
+    v("s_churn", s_churn,
+      "heun / euler: S_churn of Karras et al. Algorithm 2, the noise added back per step "
+      "(γ = min(S_churn/N, √2 - 1)); 0 = the deterministic sampler.",
+      {.min = 0});
+    v("s_tmin", s_tmin, "heun / euler: noise is added back only at σ in [s_tmin, s_tmax].", {.min = 0});
+    v("s_tmax", s_tmax, "heun / euler: upper end of that range; null = no bound.", {.min = 0});
+    v("s_noise", s_noise, "heun / euler: S_noise, the standard deviation of the noise added back, over √(σ̂² - σ²).",
+      {.min = 0, .min_open = true, .max = 2});
   }
   bool operator==(const SamplingConfig&) const = default;
 };
+
+// heun and euler sample EDM models (diffusion.formulation = edm); the others DDPM ones.
+inline bool is_edm_sampler(Sampler s) { return s == Sampler::heun || s == Sampler::euler; }
 
 struct Config {
   RunConfig run;

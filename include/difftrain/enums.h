@@ -48,7 +48,8 @@ DIFFTRAIN_ENUM(MixedPrecision, auto_, no, bf16, fp16);
 DIFFTRAIN_ENUM(OptimizerImpl, auto_, fused, foreach, loop);
 DIFFTRAIN_ENUM(LogLevel, trace, debug, info, warn, error);
 DIFFTRAIN_ENUM(DistBackend, auto_, nccl, gloo);
-DIFFTRAIN_ENUM(Sampler, ddpm, ddim, dpm_solver_multistep, unipc_multistep, euler_ancestral);
+DIFFTRAIN_ENUM(Formulation, ddpm, edm);  // diffusion.formulation: Ho et al. 2020, or Karras et al. 2022
+DIFFTRAIN_ENUM(Sampler, ddpm, ddim, dpm_solver_multistep, unipc_multistep, euler_ancestral, heun, euler);
 DIFFTRAIN_ENUM(WeightsKind, ema, model);  // which weights of a checkpoint (train_state.h)
 
 }  // namespace difftrain

@@ -2,10 +2,10 @@
 // Face diffusers (the flat layout of google/ddpm-cifar10-32):
 //   config.json                           UNet2DModel config ("_class_name": "UNet2DModel")
 //   diffusion_pytorch_model.safetensors   the weights by UNet2DModel state-dict names, F32 or BF16
-//   scheduler_config.json                 DDPMScheduler config
-//   model_index.json                      DDPMPipeline: unet and scheduler live in this folder
+//   scheduler_config.json                 DDPMScheduler config (EDM: EDMEulerScheduler)
+//   model_index.json                      DDPMPipeline: unet and scheduler live in this folder (not for EDM)
 // UNet2DModel.from_pretrained(DIR), DDPMScheduler.from_pretrained(DIR) and
-// DDPMPipeline.from_pretrained(DIR) load it. Our class-conditional model has one extra (null)
+// DDPMPipeline.from_pretrained(DIR) load it; an EDM folder, UNet2DModel and EDMEulerScheduler. Our class-conditional model has one extra (null)
 // class embedding, so the folder says num_class_embeds = K + 1 and import maps it back to K.
 #pragma once
 
@@ -53,7 +53,7 @@ std::map<std::string, at::Tensor> weights_map(const NamedTensors& weights);
 // UNet2DModel config.json: every architecture argument, diffusers' fixed choices spelled out; keys
 // sorted, as save_pretrained writes them.
 nlohmann::json diffusers_unet_config(const ModelConfig& model);
-// DDPMScheduler scheduler_config.json for the diffusion section.
+// DDPMScheduler scheduler_config.json for the diffusion section; EDMEulerScheduler's for EDM.
 nlohmann::json diffusers_scheduler_config(const DiffusionConfig& diffusion);
 // DDPMPipeline model_index.json.
 nlohmann::json diffusers_model_index();
@@ -72,7 +72,7 @@ struct ExportOptions {
   std::map<std::string, std::string> metadata;  // added to the safetensors header ("format": "pt" always)
 };
 
-// Writes the four files into out_dir (created if needed; each file replaced atomically). The
+// Writes the four files (three for EDM) into out_dir (created if needed; each file replaced atomically). The
 // same input gives the same bytes.
 void export_diffusers(const std::filesystem::path& out_dir, const ModelConfig& model, const DiffusionConfig& diffusion,
                       const NamedTensors& weights, const ExportOptions& opts = {});

@@ -11,13 +11,14 @@
 #include <c10/core/Device.h>
 
 #include "difftrain/config.h"
+#include "difftrain/edm.h"
 #include "difftrain/scheduler.h"
 #include "difftrain/unet.h"
 
 namespace difftrain {
 
 struct SamplingOptions {
-  Sampler sampler = Sampler::ddim;       // ddpm | ddim | dpm_solver_multistep | unipc_multistep | euler_ancestral
+  Sampler sampler = Sampler::ddim;  // ddpm | ddim | dpm_solver_multistep | unipc_multistep | euler_ancestral; EDM: heun | euler
   int64_t num_inference_steps = 50;      // DDPM usually T; DDIM 50; DPM-Solver++ / UniPC 10-25
   double eta = 0.0;                      // DDIM η
   int64_t solver_order = 2;              // DPM-Solver++ / UniPC order, 1..3
@@ -27,15 +28,24 @@ struct SamplingOptions {
   double guidance_scale = 1.0;           // ε = ε_∅ + s (ε_c - ε_∅); 1 = plain conditional
   int64_t seed = 0;                      // fixes the result for a given batch_size and device
   std::vector<int64_t> class_labels;     // per sample, or one for all; empty: cycle through the classes
+  EDMSamplerOptions edm;                 // heun / euler: the 2nd-order correction (heun) and Algorithm 2's churn
 
   static SamplingOptions from(const SamplingConfig& s);
 };
 
 // Denoises num_samples images of the model's shape in diffusers' loop: x = randn · init_noise_sigma,
 // then for each t: out = model(scale_model_input(x, t), t), x = step(out, t, x, generator). Returns float samples (N, C, H, W) in
-// about [-1, 1] on `device`. The model is put in eval mode and run without gradients.
+// about [-1, 1] on `device`. The model is put in eval mode and run without gradients. DDPM samplers.
 at::Tensor generate(UNet2DModel& model, const SchedulerConfig& scheduler, const SamplingOptions& opts,
                     const c10::Device& device);
+// The same for an EDM model (heun or euler): x_0 = σ_0 z, then edm_sample with the preconditioned
+// denoiser D(x; σ) = c_skip x + c_out F(c_in x; c_noise) and guidance on F.
+at::Tensor generate(UNet2DModel& model, const EDMConfig& edm, const SamplingOptions& opts, const c10::Device& device);
+// Either, by diffusion.formulation.
+at::Tensor generate(UNet2DModel& model, const DiffusionConfig& diffusion, const SamplingOptions& opts, const c10::Device& device);
+// Network evaluations per image of one generate() (guidance runs each as one batch of 2B): the
+// steps, but heun's 2N - 1.
+int64_t sampler_nfe(const SamplingOptions& opts);
 
 // The model output with classifier-free guidance: (B, C, H, W) for labels (B); scale 1 runs the
 // conditional pass only.

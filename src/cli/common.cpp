@@ -86,7 +86,8 @@ void add_sampling_flags(CLI::App* cmd, SamplingFlags& opts, const std::string& n
   add(add_enum_option(cmd, "--sampler", opts.sampler,
                       "ddpm (Ho et al. 2020), ddim (Song et al. 2021), dpm_solver_multistep (DPM-Solver++, Lu et al. 2022), "
                       "unipc_multistep (UniPC, Zhao et al. 2023) or euler_ancestral (Karras et al. 2022), as diffusers' "
-                      "schedulers compute them" +
+                      "schedulers compute them, for DDPM models; heun (Karras et al. 2022, Algorithm 1/2) or euler "
+                      "(diffusers' EDMEulerScheduler) for EDM models" +
                           from + "sampler)"))
       ->type_name("NAME")
       ->group("Sampling");
@@ -97,6 +98,11 @@ void add_sampling_flags(CLI::App* cmd, SamplingFlags& opts, const std::string& n
   add(cmd->add_option("--eta", opts.eta, "DDIM η: 0 deterministic, 1 DDPM-like variance" + from + "eta)"))
       ->type_name("E")
       ->check(CLI::Range(0.0, 1.0))
+      ->group("Sampling");
+  add(cmd->add_option("--s-churn", opts.s_churn,
+                      "heun / euler (EDM): S_churn of Karras et al. Algorithm 2; 0 deterministic" + from + "s_churn)"))
+      ->type_name("S")
+      ->check(CLI::NonNegativeNumber)
       ->group("Sampling");
   add(cmd->add_option("--solver-order", opts.solver_order,
                       "Order of dpm_solver_multistep and unipc_multistep" + from + "solver_order)"))
@@ -138,6 +144,12 @@ SamplingOptions sampling_options(const SamplingFlags& opts, const Config& cfg, i
   SamplingOptions s = SamplingOptions::from(cfg.sampling);
   s.num_samples = given(opts, "--num-samples") ? opts.num_samples : default_num_samples;
   if (given(opts, "--sampler")) s.sampler = opts.sampler;
+  const bool edm = cfg.diffusion.formulation == Formulation::edm;
+  if (is_edm_sampler(s.sampler) != edm)
+    throw UsageError(fmt::format("--sampler {}: this checkpoint's model is {} (diffusion.formulation = {}); use {}",
+                                 to_string(s.sampler), edm ? "EDM" : "DDPM", to_string(cfg.diffusion.formulation),
+                                 edm ? "heun or euler" : "ddpm, ddim, dpm_solver_multistep, unipc_multistep or euler_ancestral"));
+  s.edm.heun = s.sampler == Sampler::heun;
   if (given(opts, "--steps")) s.num_inference_steps = opts.steps;
   if (given(opts, "--eta")) s.eta = opts.eta;
   if (given(opts, "--solver-order")) s.solver_order = opts.solver_order;
@@ -151,7 +163,8 @@ SamplingOptions sampling_options(const SamplingFlags& opts, const Config& cfg, i
                     to_string(s.sampler)));
   if (given(opts, "--seed")) s.seed = opts.seed;
   if (given(opts, "--batch-size")) s.batch_size = opts.batch_size;
-  if (s.num_inference_steps > cfg.diffusion.num_train_timesteps)
+  if (given(opts, "--s-churn")) s.edm.s_churn = opts.s_churn;
+  if (!edm && s.num_inference_steps > cfg.diffusion.num_train_timesteps)
     throw UsageError(fmt::format("--steps {}: at most diffusion.num_train_timesteps = {}", s.num_inference_steps,
                                  cfg.diffusion.num_train_timesteps));
   const auto& classes = cfg.model.num_class_embeds;

@@ -90,6 +90,7 @@ struct SamplingFlags {
   Sampler sampler = Sampler::ddpm;
   int64_t steps = 0;
   double eta = 0;
+  double s_churn = 0;
   int64_t solver_order = 2;
   bool karras_sigmas = false;
   std::string class_label;  // K | all

@@ -154,12 +154,12 @@ int run_eval(const EvalCommand& c) {
     const SamplingOptions opts = sampling_options(c.sampling, ckpt->config, n);
     UNet2DModel model = model_with_weights(ckpt->config.model, weights_map(ckpt->weights),
                                            (ckpt->path / (to_string(ckpt->kind) + ".safetensors")).string(), device);
-    log_info("generating {} images ({}, {} steps, seed {})", opts.num_samples, to_string(opts.sampler), opts.num_inference_steps,
-             opts.seed);
-    const auto images = to_uint8(generate(model, SchedulerConfig::from(ckpt->config.diffusion), opts, device));  // (N, C, H, W)
-    generated.description = fmt::format("{} images generated from {} ({} weights, {} {} steps, seed {})", images.size(0),
-                                        ckpt->path.string(), to_string(ckpt->kind), to_string(opts.sampler),
-                                        opts.num_inference_steps, opts.seed);
+    log_info("generating {} images ({}, {} steps, NFE {}, seed {})", opts.num_samples, to_string(opts.sampler),
+             opts.num_inference_steps, sampler_nfe(opts), opts.seed);
+    const auto images = to_uint8(generate(model, ckpt->config.diffusion, opts, device));  // (N, C, H, W)
+    generated.description =
+        fmt::format("{} images generated from {} ({} weights, {} {} steps, NFE {}, seed {})", images.size(0), ckpt->path.string(),
+                    to_string(ckpt->kind), to_string(opts.sampler), opts.num_inference_steps, sampler_nfe(opts), opts.seed);
     generated.image_shape = images.sizes().slice(1).vec();
     generated.features = extract_features(net, images.size(0), c.feature_batch_size,
                                           [&](int64_t b, int64_t e) { return images.slice(0, b, e); });

@@ -32,16 +32,19 @@ int run_export(const ExportCommand& c) {
   opts.metadata = {{"difftrain_version", kVersion}, {"difftrain_step", std::to_string(w.step)},
                    {"difftrain_weights", to_string(w.kind)}};
   export_diffusers(c.out, w.config.model, w.config.diffusion, w.weights, opts);
-  log_info("exported step {} ({} weights, {}) to {}: {}, config.json, scheduler_config.json, model_index.json", w.step,
-           to_string(w.kind), c.dtype == ExportDtype::bf16 ? "BF16" : "F32", c.out, kDiffusersWeightsFile);
+  const bool edm = w.config.diffusion.formulation == Formulation::edm;
+  log_info("exported step {} ({} weights, {}) to {}: {}, config.json, scheduler_config.json ({}){}", w.step, to_string(w.kind),
+           c.dtype == ExportDtype::bf16 ? "BF16" : "F32", c.out, kDiffusersWeightsFile,
+           edm ? "EDMEulerScheduler" : "DDPMScheduler", edm ? "" : ", model_index.json");
   return kExitOk;
 }
 
 }  // namespace
 
 void set_export_command(CLI::App* app, int& exit_code) {
-  auto* cmd = app->add_subcommand("export", "Export a checkpoint as a diffusers folder (UNet2DModel, DDPMScheduler, "
-                                            "DDPMPipeline) in safetensors");
+  auto* cmd = app->add_subcommand("export",
+                                  "Export a checkpoint as a diffusers folder (UNet2DModel, DDPMScheduler, "
+                                  "DDPMPipeline; EDM: UNet2DModel, EDMEulerScheduler) in safetensors");
   auto c = std::make_shared<ExportCommand>();  // owned by the callback, so by the App
   add_checkpoint_options(cmd, c->checkpoint);
   cmd->add_option("--format", c->format, "Weights format (diffusion_pytorch_model.safetensors)")

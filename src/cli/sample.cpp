@@ -54,13 +54,15 @@ int run_sample(const SampleCommand& c) {
   prepare_out_dir(out, c.overwrite);
   UNet2DModel model = model_with_weights(w.config.model, weights_map(w.weights),
                                          (w.path / (to_string(w.kind) + ".safetensors")).string(), device);
-  log_info("sampling {} images: {} with {} steps (η = {}), seed {}, batch size {}{}", opts.num_samples, to_string(opts.sampler),
-           opts.num_inference_steps, opts.eta, opts.seed, opts.batch_size,
+  log_info("sampling {} images: {} with {} steps ({} network evaluations{}), seed {}, batch size {}{}", opts.num_samples,
+           to_string(opts.sampler), opts.num_inference_steps, sampler_nfe(opts),
+           is_edm_sampler(opts.sampler) ? fmt::format(", S_churn = {}", opts.edm.s_churn) : fmt::format(", η = {}", opts.eta),
+           opts.seed, opts.batch_size,
            !w.config.model.num_class_embeds ? std::string()
            : opts.class_labels.empty()
                ? fmt::format(", classes cycling 0..{}, guidance {}", *w.config.model.num_class_embeds - 1, opts.guidance_scale)
                : fmt::format(", class {}, guidance {}", opts.class_labels[0], opts.guidance_scale));
-  const auto images = to_uint8(generate(model, SchedulerConfig::from(w.config.diffusion), opts, device));  // (N, C, H, W)
+  const auto images = to_uint8(generate(model, w.config.diffusion, opts, device));  // (N, C, H, W)
   save_sample_folder(out, images);
   log_info("wrote {} samples (000000.png ...) and grid.png to {}", images.size(0), out.string());
   return kExitOk;

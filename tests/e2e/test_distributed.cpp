@@ -53,6 +53,13 @@ TEST_F(Distributed, TwoRanksEqualOneRankWithTheGlobalBatch) {
       << err("wds_two");
   EXPECT_NE(err("wds_two").find("4 shard streams of 64 samples"), std::string::npos) << err("wds_two");
   EXPECT_LT(max_weight_difference(ckpt("wds_one", 20), ckpt("wds_two", 20)), 1e-4) << "2 x 8 vs 1 x 16 from shards";
+
+  // EDM: ln σ is drawn for the global batch like t, so the same holds.
+  ASSERT_EQ(run(args("edm_one", 20, edm({"--set", "train.batch_size=16"})), "edm_one"), 0) << err("edm_one");
+  ASSERT_EQ(run(launch(2, port(2), args("edm_two", 20, edm({"--set", "train.batch_size=8"}))), "edm_two"), 0) << err("edm_two");
+  EXPECT_LT(max_weight_difference(ckpt("edm_one", 20), ckpt("edm_two", 20)), 1e-4) << "EDM: 2 x 8 vs 1 x 16";
+  ASSERT_EQ(run(args("edm_control", 20, edm({"--set", "train.batch_size=8"})), "edm_control"), 0) << err("edm_control");
+  EXPECT_GT(max_weight_difference(ckpt("edm_one", 20), ckpt("edm_control", 20)), 10 * 1e-4) << "EDM: the control must differ";
 }
 
 TEST_F(Distributed, LaunchScriptTrainsCheckpointsAndResumesOnTwoRanks) {

@@ -52,6 +52,9 @@ class Sample : public ::testing::Test {
     need("uncond", 30, {});
     if (name.find("ClassConditional") != std::string::npos) need("classes", 20, {"--set", "model.num_class_embeds=10"});
     if (name.find("Errors") != std::string::npos) need("noema", 10, {"--set", "ema.enabled=false"});
+    if (name.find("Edm") != std::string::npos)
+      need("edm", 20,
+           {"--set", "diffusion.formulation=edm", "--set", "diffusion.snr_gamma=null", "--set", "sampling.sampler=heun"});
   }
   static void need(const std::string& name, int64_t steps, const std::vector<std::string>& extra) {
     if (!fs::exists(ckpt(name, steps) / "manifest.json")) train(name, steps, extra);
@@ -295,6 +298,55 @@ TEST_F(Sample, ExportedFolderReproducesTheSamplesInDiffusers) {
       EXPECT_LE(diff, 1) << f.name << " image " << i << " differs from diffusers' loop by " << diff << " levels";
     }
   }
+}
+
+// An EDM run exports UNet2DModel and EDMEulerScheduler (its "epsilon" preconditioning is Table 1's:
+// c_in x in, c_noise = ¼ ln σ as the timestep, c_skip x + c_out F out), and no model_index.json:
+// diffusers has no pipeline for an unconditional EDM UNet. diffusers' canonical loop with that
+// scheduler reproduces `difftrain sample --sampler euler` within a grey level (the UNet forwards
+// round alike but not identically), both from the paper's start σ_0 z and from diffusers' own
+// init_noise_sigma = √(σ_max² + 1) z: that 8e-5 relative difference in x_0 shrinks with σ at
+// every Euler step (x₁ = (σ₁/σ₀) x₀ + (1 - σ₁/σ₀) D), so it is invisible at the end.
+TEST_F(Sample, EdmExportRunsInDiffusersEdmEulerScheduler) {
+  if (!have_python()) GTEST_SKIP() << "no venv python with diffusers";
+  const fs::path c = root() / "edm_case";
+  Result r = run({"export", "--run", (root() / "edm").string(), "--out", (c / "export").string()});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("scheduler_config.json (EDMEulerScheduler)"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(c / "export" / "model_index.json"));
+  const auto sched = json::parse(slurp(c / "export" / "scheduler_config.json"));
+  EXPECT_EQ(sched["_class_name"], "EDMEulerScheduler");
+  EXPECT_EQ(sched["prediction_type"], "epsilon");
+  EXPECT_EQ(sched["sigma_data"], 0.5);
+  std::ofstream(c / "edm.json") << R"({"num_images": 4, "steps": 6, "seed": 7})";
+  ASSERT_EQ(python("tests/export/check_edm.py " + c.string(), root() / "edm.log"), 0) << slurp(root() / "edm.log");
+  const auto report = json::parse(slurp(c / "edm_report.json"));
+  EXPECT_EQ(report["scheduler_class"], "EDMEulerScheduler");
+  EXPECT_EQ(report["scheduler_config"]["sigma_max"], 80.0);
+
+  const fs::path mine_dir = root() / "edm_euler";
+  r = sample("edm", mine_dir, {"-n", "4", "--batch-size", "4", "--steps", "6", "--seed", "7", "--sampler", "euler"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("euler with 6 steps (6 network evaluations, S_churn = 0)"), std::string::npos) << r.err;
+  const auto theirs = load_safetensors(c / "edm.safetensors").by_name();
+  for (const char* key : {"images", "images_sigma0"}) {
+    const auto want = theirs.at(key);  // (N, H, W, 1) uint8
+    ASSERT_EQ(want.sizes(), (std::vector<int64_t>{4, 16, 16, 1})) << key;
+    for (int64_t i = 0; i < 4; ++i) {
+      const auto mine = read_image_file(mine_dir / fmt::format("{:06d}.png", i)).to(torch::kInt);  // (1, 16, 16)
+      const auto diff = (mine[0] - want[i].select(-1, 0).to(torch::kInt)).abs().max().item<int>();
+      EXPECT_LE(diff, 1) << key << " image " << i << " differs from diffusers' EDMEulerScheduler loop by " << diff << " levels";
+    }
+  }
+  // Heun (the run's sampler) counts 2N - 1 evaluations; a DDPM sampler is refused for an EDM model.
+  r = sample("edm", root() / "edm_heun", {"-n", "2", "--steps", "6"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("heun with 6 steps (11 network evaluations"), std::string::npos) << r.err;
+  r = sample("edm", root() / "edm_ddim", {"-n", "2", "--sampler", "ddim"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("--sampler ddim: this checkpoint's model is EDM (diffusion.formulation = edm); use heun or euler"),
+            std::string::npos)
+      << r.err;
 }
 
 // export -> train --init-from: the new run starts from exactly those weights; another

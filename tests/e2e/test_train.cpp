@@ -41,6 +41,25 @@ TEST_F(Train, LossFallsAndTheRunDirectoryIsComplete) {
   EXPECT_NE(err("a").find("step 60/60"), std::string::npos) << err("a");
 }
 
+// The EDM formulation trains, samples (Heun: 4 steps are 7 network evaluations) and logs the
+// loss by quartile of its ln σ distribution.
+TEST_F(Train, EdmLossFallsAndLogsItsSigmaQuartiles) {
+  ASSERT_EQ(run(args("edm", 60, edm()), "edm"), 0) << err("edm");
+  std::vector<double> losses;
+  std::ifstream jsonl(dir_ / "edm" / "metrics.jsonl");
+  for (std::string line; std::getline(jsonl, line);) {
+    const auto j = json::parse(line);
+    losses.push_back(j["train/loss"].get<double>());
+    // 40 draws per interval: a quartile is empty with probability 4 · 0.75^40 = 4e-5 (and the seed is fixed)
+    for (const char* q : {"train/loss_q0", "train/loss_q1", "train/loss_q2", "train/loss_q3"})
+      EXPECT_TRUE(j.contains(q)) << q << " missing: " << line;
+  }
+  ASSERT_EQ(losses.size(), 12u);
+  EXPECT_LT(losses.back(), 0.5 * losses.front()) << "loss did not fall: " << losses.front() << " -> " << losses.back();
+  EXPECT_TRUE(fs::exists(dir_ / "edm" / "samples/final/000005.png"));
+  EXPECT_NE(err("edm").find("(heun 4 steps, NFE 7)"), std::string::npos) << err("edm");
+}
+
 // train/tflops is the model's FLOPs per image (forward + backward, src/flops.cpp, checked against
 // FlopCounterMode in test_flops) times the interval's images per second, from the same log line;
 // with run.peak_tflops set, train/mfu is tflops over that peak, and the console shows it.
@@ -217,6 +236,13 @@ TEST_F(Train, ResumeIsBitExact) {
   EXPECT_NE(err("wds_second").find("resumed from"), std::string::npos) << err("wds_second");
   EXPECT_EQ(digests(ckpt("wds_halves", 40)), digests(ckpt("wds_straight", 40)));
   EXPECT_NE(digests(ckpt("wds_straight", 40)), digests(ckpt("straight", 40)));  // other data order: other weights
+
+  // EDM: its σ draws come from the same generator, so they resume with it.
+  ASSERT_EQ(run(args("edm_straight", 40, edm()), "edm_straight"), 0) << err("edm_straight");
+  ASSERT_EQ(run(args("edm_halves", 20, edm()), "edm_first"), 0) << err("edm_first");
+  ASSERT_EQ(run(args("edm_halves", 40, edm({"--resume", "latest"})), "edm_second"), 0) << err("edm_second");
+  EXPECT_EQ(digests(ckpt("edm_halves", 40)), digests(ckpt("edm_straight", 40)));
+  EXPECT_NE(digests(ckpt("edm_straight", 40)), digests(ckpt("straight", 40)));
 }
 
 // A checkpoint from another device type: here one whose generator states are marked as CUDA

@@ -55,6 +55,13 @@ class TrainRun : public ::testing::Test {
 
   // A small real job: 256 Fashion-MNIST images at 16x16, a two-level UNet with attention, batch 8,
   // on the CPU (auto would take a GPU, where bit-exact reruns are not promised: atomics).
+  // The EDM formulation on top of args(): the quickstart's DDPM-only keys reset.
+  static std::vector<std::string> edm(std::vector<std::string> extra = {}) {
+    std::vector<std::string> a = {"--set", "diffusion.formulation=edm", "--set", "diffusion.snr_gamma=null",
+                                  "--set", "sampling.sampler=heun"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  }
   std::vector<std::string> args(const std::string& name, int64_t max_steps, std::vector<std::string> extra = {}) const {
     std::vector<std::string> a = {difftrain_bin(), "train",
                                   "--config",      source_dir() + "/configs/quickstart.json",

@@ -7,6 +7,7 @@ OUT_DIR/unet_cases.json + unet_<name>.pt   UNet2DModel configs, weights by diffu
 OUT_DIR/scheduler.json + scheduler.pt      DDPMScheduler / DDIMScheduler tables, timesteps and step outputs
 OUT_DIR/samplers.json + samplers.pt        DPMSolverMultistep / UniPCMultistep / EulerAncestralDiscrete timesteps,
                                            sigmas, and every step of whole trajectories
+OUT_DIR/edm.json + edm.pt                  EDMEulerScheduler sigmas, timesteps and Euler trajectories; timestep embeddings
 OUT_DIR/param_counts.json                  parameter counts of diffusers models for our presets
 OUT_DIR/optim.json + optim.pt              torch.optim.AdamW steps, diffusers get_scheduler LRs, EMAModel, clip_grad_norm_,
                                            torch.amp.GradScaler's scale sequence
@@ -354,6 +355,44 @@ for k, case in enumerate(TRAJ):
 save("samplers.pt", st)
 with open(os.path.join(OUT, "samplers.json"), "w") as f:
     json.dump(sc, f, indent=1)
+
+# --------------------------------------------------------------------------------------------
+# EDMEulerScheduler (Karras et al. 2022): sigmas and timesteps (c_noise = ln(σ)/4) for several step
+# counts and settings; whole Euler trajectories (S_churn = 0), each step fed a random model output,
+# with scale_model_input (c_in x), pred_original_sample (c_skip x + c_out F) and prev_sample; and
+# the sinusoidal embedding at EDM's float, negative timesteps.
+from diffusers import EDMEulerScheduler
+from diffusers.models.embeddings import get_timestep_embedding
+
+EDM_LAYOUTS = [(18, {}), (1, {}), (7, dict(sigma_min=0.01, sigma_max=10.0, rho=3.0)), (40, dict(sigma_data=0.25))]
+EDM_TRAJECTORIES = [(18, {}), (6, dict(sigma_data=0.25, sigma_max=20.0))]
+ec, et = {"layouts": [], "trajectories": []}, {}
+for k, (n, kw) in enumerate(EDM_LAYOUTS):
+    s = EDMEulerScheduler(**kw)
+    s.set_timesteps(n)
+    et[f"layout.{k}.sigmas"], et[f"layout.{k}.timesteps"] = s.sigmas, s.timesteps
+    ec["layouts"].append(dict(kw, n=n, key=f"layout.{k}", init_noise_sigma=float(s.init_noise_sigma)))
+for k, (n, kw) in enumerate(EDM_TRAJECTORIES):
+    s = EDMEulerScheduler(**kw)
+    s.set_timesteps(n)
+    g = torch.Generator().manual_seed(300 + k)
+    x = torch.randn(2, 3, 8, 8, generator=g) * s.sigmas[0]
+    for i, t in enumerate(s.timesteps):
+        m = torch.randn(2, 3, 8, 8, generator=g)
+        p = f"traj.{k}.{i}."
+        et[p + "sample"], et[p + "model_output"], et[p + "timestep"] = x, m, t
+        et[p + "model_input"] = s.scale_model_input(x, t)
+        out = s.step(m, t, x)
+        et[p + "pred_original_sample"], et[p + "prev_sample"] = out.pred_original_sample, out.prev_sample
+        x = out.prev_sample
+    ec["trajectories"].append(dict(kw, n=n, i=k))
+ec["embedding_timesteps"] = [-1.5536, -0.3, 0.0, -0.17328679513998632, 1.0955]
+for flip, shift in [(True, 0), (False, 1)]:
+    et[f"embedding.{int(flip)}.{shift}"] = get_timestep_embedding(
+        torch.tensor(ec["embedding_timesteps"], dtype=torch.float32), 32, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+save("edm.pt", et)
+with open(os.path.join(OUT, "edm.json"), "w") as f:
+    json.dump(ec, f, indent=1)
 
 save("scheduler.pt", tensors)
 with open(os.path.join(OUT, "scheduler.json.tmp"), "w") as f:  # written last: its presence means "complete"
