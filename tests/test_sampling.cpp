@@ -1,4 +1,5 @@
 // The sampling pipeline: determinism, classifier-free guidance, uint8 conversion, grids.
+#include <ATen/Context.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -67,6 +68,40 @@ TEST(Sampling, GuidanceCombinesConditionalAndNullClass) {
   // four DDIM steps carry both into the sample. 1e-4 is far above either and far below a wrong
   // formula's effect, which is of the order of the outputs (checked just above).
   EXPECT_TRUE(torch::allclose(plain, generate(model, SchedulerConfig{}, o, torch::kCPU), 1e-4, 1e-4));
+}
+
+// An EDM model through generate(): one Euler step from σ_0 = σ_max to 0 returns D(x_0; σ_max) =
+// c_skip x_0 + c_out F(c_in x_0; ¼ ln σ_max) with guidance on F, for x_0 = σ_max z and z the first
+// draw of the seeded generator. Computed here from the same 2B batch and the same float32
+// operations; the Euler step x + (x - D)/σ · (0 - σ) lands on D up to a few u of |x_0| (its
+// subtraction cancels x_0), on top of those of c_skip |x_0| + c_out (|F_∅| + 3 |F_c - F_∅|).
+TEST(Sampling, EdmGenerateIsThePreconditionedGuidedDenoiser) {
+  auto model = tiny(4);
+  model->eval();
+  SamplingOptions o = opts(Sampler::euler, 1);
+  o.num_samples = 2, o.class_labels = {1, 3}, o.guidance_scale = 3.0, o.seed = 9;
+  o.edm.heun = false;
+  const EDMConfig edm;
+  const auto got = generate(model, edm, o, torch::kCPU);
+  torch::NoGradGuard no_grad;
+  auto gen = at::globalContext().defaultGenerator(torch::kCPU).clone();
+  gen.set_current_seed(9);
+  const auto x0 = torch::randn({2, 1, 8, 8}, gen) * 80.0f;
+  const auto c = edm_preconditioning(torch::full({}, 80.0f), edm.sigma_data);
+  const auto t = c.c_noise.expand({2}).contiguous(), y = torch::tensor({1L, 3L});
+  const auto both = model->forward(torch::cat({x0, x0}) * c.c_in.item<float>(), torch::cat({t, t}),
+                                   torch::cat({y, torch::full({2}, 4L)}));  // (2B, C, H, W)
+  const auto fc = both.slice(0, 0, 2), fu = both.slice(0, 2);
+  const auto want = c.c_skip * x0 + c.c_out * (fu + 3.0 * (fc - fu));
+  const auto scale = x0.abs() + c.c_out.item<double>() * (fu.abs() + 3 * (fc - fu).abs());
+  EXPECT_TRUE(test::within_ulps(got, want, scale.to(torch::kDouble), 8));
+  EXPECT_TRUE(torch::equal(got, generate(model, edm, o, torch::kCPU))) << "the seed fixes the result";
+  EXPECT_EQ(sampler_nfe(o), 1);
+  o.sampler = Sampler::heun, o.edm.heun = true, o.num_inference_steps = 18;
+  EXPECT_EQ(sampler_nfe(o), 35);
+  EXPECT_THROW(generate(model, SchedulerConfig{}, o, torch::kCPU), c10::Error) << "heun is not a DDPM sampler";
+  o.sampler = Sampler::ddim;
+  EXPECT_THROW(generate(model, edm, o, torch::kCPU), c10::Error) << "ddim is not an EDM sampler";
 }
 
 TEST(Sampling, BadLabelsAreRejected) {
