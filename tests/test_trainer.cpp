@@ -77,9 +77,10 @@ std::vector<at::Tensor> weights(Trainer& t) {
 // With DDPM for both optimizer implementations, and with EDM (whose ln σ is drawn into the static
 // buffer of the timesteps).
 TEST_F(TrainerSwitches, CapturableStateStepsEqualPlainStepsBitForBit) {
-  for (const auto& [impl, formulation] : std::vector<std::pair<OptimizerImpl, Formulation>>{
-           {OptimizerImpl::fused, Formulation::ddpm}, {OptimizerImpl::foreach, Formulation::ddpm},
-           {OptimizerImpl::fused, Formulation::edm}}) {
+  for (const auto& [impl, formulation] :
+       std::vector<std::pair<OptimizerImpl, Formulation>>{{OptimizerImpl::fused, Formulation::ddpm},
+                                                          {OptimizerImpl::foreach, Formulation::ddpm},
+                                                          {OptimizerImpl::fused, Formulation::edm}}) {
     const std::string name = to_string(impl) + "_" + to_string(formulation);
     SCOPED_TRACE(name);
     Config cfg = config();
