@@ -251,8 +251,9 @@ ProcessGroup::ProcessGroup(const World& world, DistBackend backend, const c10::D
       store = c10::make_intrusive<c10d::PrefixStore>(fmt::format("/worker/attempt_{}", world.restart_count), store);
     impl_->store = store;
   } catch (const std::exception& e) {
-    throw RuntimeError(fmt::format("cannot reach the TCPStore at {}:{} as rank {} of {} within {} s: {}", world.master_addr,
-                                   world.master_port, world.rank, world.world_size, timeout.count() / 1000, e.what()));
+    throw RuntimeError(fmt::format("cannot reach the TCPStore at {}:{} as rank {} of {} (distributed.timeout_s = {}): {}",
+                                   world.master_addr, world.master_port, world.rank, world.world_size, timeout.count() / 1000,
+                                   e.what()));
   }
   if (backend == DistBackend::auto_) backend = device.is_cuda() ? DistBackend::nccl : DistBackend::gloo;
   if (backend == DistBackend::nccl) {
