@@ -66,14 +66,17 @@ at::Tensor edm_sigmas(const EDMConfig& cfg, int64_t n) {
   return at::cat({sigmas, at::zeros({1}, sigmas.options())});  // final_sigmas_type = "zero"
 }
 
-at::Tensor edm_denoised(const at::Tensor& x, const at::Tensor& model_output, float sigma, double sigma_data) {
-  const auto c = edm_preconditioning(scalar_ops::f32(sigma), sigma_data);
+at::Tensor edm_denoised(const at::Tensor& x, const at::Tensor& model_output, const EDMPreconditioning& c) {
   return c.c_skip.item<float>() * x + c.c_out.item<float>() * model_output.to(at::kFloat);
 }
 
+namespace {
+// dx/dσ = (x - D(x; σ))/σ (eq. 3 with σ(t) = t).
+at::Tensor edm_derivative(const at::Tensor& x, const at::Tensor& denoised, float sigma) { return (x - denoised) / sigma; }
+}  // namespace
+
 at::Tensor edm_euler_step(const at::Tensor& x, const at::Tensor& denoised, float sigma_hat, float sigma_next) {
-  const auto d = (x - denoised) / sigma_hat;  // dx/dσ = (x - D(x; σ))/σ (eq. 3 with σ(t) = t)
-  return x + d * (sigma_next - sigma_hat);
+  return x + edm_derivative(x, denoised, sigma_hat) * (sigma_next - sigma_hat);
 }
 
 at::Tensor edm_sample(const EDMDenoiser& denoiser, const at::Tensor& latents, const at::Tensor& sigmas_in,
@@ -95,12 +98,11 @@ at::Tensor edm_sample(const EDMDenoiser& denoiser, const at::Tensor& latents, co
       x = x + eps * aten_pow(sigma_hat * sigma_hat - sigma * sigma, 0.5);
     }
     // Lines 7-8: the Euler step from σ̂ to σ_{i+1}.
-    const auto denoised = denoiser(x, sigma_hat);
-    auto x_next = edm_euler_step(x, denoised, sigma_hat, sigma_next);
+    const auto d = edm_derivative(x, denoiser(x, sigma_hat), sigma_hat);
+    auto x_next = x + d * (sigma_next - sigma_hat);  // edm_euler_step
     // Lines 9-11: the trapezoidal correction, unless σ_{i+1} = 0.
     if (opts.heun && sigma_next != 0.0f) {
-      const auto d = (x - denoised) / sigma_hat;
-      const auto d_next = (x_next - denoiser(x_next, sigma_next)) / sigma_next;
+      const auto d_next = edm_derivative(x_next, denoiser(x_next, sigma_next), sigma_next);
       x_next = x + (d * 0.5 + d_next * 0.5) * (sigma_next - sigma_hat);
     }
     x = x_next;

@@ -176,15 +176,17 @@ at::Tensor generate(UNet2DModel& model, const EDMConfig& edm, const SamplingOpti
   TORCH_CHECK(is_edm_sampler(opts.sampler), "generate: an EDM model samples with heun or euler, not ", to_string(opts.sampler));
   const auto sigmas = edm_sigmas(edm, opts.num_inference_steps);  // (N + 1) float32
   const float sigma_0 = sigmas[0].item<float>();
+  EDMSamplerOptions sampler_options = opts.edm;
+  sampler_options.heun = opts.sampler == Sampler::heun;
   return sample_batches(model, opts, device, [&](const at::Tensor& z, const auto& unet, at::Generator& gen) {
     // D(x; σ) = c_skip x + c_out F(c_in x; c_noise) (Table 1); guidance combines F, which D is affine in.
     const EDMDenoiser denoiser = [&](const at::Tensor& x, float sigma) {
       const auto c = edm_preconditioning(scalar_ops::f32(sigma), edm.sigma_data);
       const auto model_input = x * c.c_in.item<float>();
       const auto out = unet(model_input, at::full({x.size(0)}, c.c_noise.item<float>(), x.options()));
-      return edm_denoised(x, out, sigma, edm.sigma_data);
+      return edm_denoised(x, out, c);
     };
-    return edm_sample(denoiser, z * sigma_0, sigmas, opts.edm, gen);  // x_0 ~ N(0, σ_0² I) (Algorithm 1, line 2)
+    return edm_sample(denoiser, z * sigma_0, sigmas, sampler_options, gen);  // x_0 ~ N(0, σ_0² I) (Algorithm 1, line 2)
   });
 }
 
@@ -195,7 +197,8 @@ at::Tensor generate(UNet2DModel& model, const DiffusionConfig& diffusion, const 
 }
 
 int64_t sampler_nfe(const SamplingOptions& opts) {
-  return is_edm_sampler(opts.sampler) ? edm_nfe(opts.edm.heun, opts.num_inference_steps) : opts.num_inference_steps;
+  return is_edm_sampler(opts.sampler) ? edm_nfe(opts.sampler == Sampler::heun, opts.num_inference_steps)
+                                      : opts.num_inference_steps;
 }
 
 at::Tensor to_uint8(const at::Tensor& images) {

@@ -306,7 +306,7 @@ TEST(EDMVsDiffusers, EulerStepsMatchEDMEulerScheduler) {
       const auto pre = edm_preconditioning(sigmas[i].reshape({}), cfg.sigma_data);
       const auto model_input = x * pre.c_in.item<float>();
       EXPECT_TRUE(within_ulps(model_input, ref.at(p + "model_input"), d(model_input), 2)) << what << " scale_model_input";
-      const auto x0 = edm_denoised(x, m, sigma, cfg.sigma_data);
+      const auto x0 = edm_denoised(x, m, pre);
       const auto want_x0 = ref.at(p + "pred_original_sample");
       EXPECT_TRUE(within_ulps(x0, want_x0, pre.c_skip.item<double>() * d(x) + pre.c_out.item<double>() * d(m), 4))
           << what << " x0";

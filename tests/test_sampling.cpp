@@ -80,7 +80,6 @@ TEST(Sampling, EdmGenerateIsThePreconditionedGuidedDenoiser) {
   model->eval();
   SamplingOptions o = opts(Sampler::euler, 1);
   o.num_samples = 2, o.class_labels = {1, 3}, o.guidance_scale = 3.0, o.seed = 9;
-  o.edm.heun = false;
   const EDMConfig edm;
   const auto got = generate(model, edm, o, torch::kCPU);
   torch::NoGradGuard no_grad;
@@ -97,7 +96,7 @@ TEST(Sampling, EdmGenerateIsThePreconditionedGuidedDenoiser) {
   EXPECT_TRUE(test::within_ulps(got, want, scale.to(torch::kDouble), 8));
   EXPECT_TRUE(torch::equal(got, generate(model, edm, o, torch::kCPU))) << "the seed fixes the result";
   EXPECT_EQ(sampler_nfe(o), 1);
-  o.sampler = Sampler::heun, o.edm.heun = true, o.num_inference_steps = 18;
+  o.sampler = Sampler::heun, o.num_inference_steps = 18;
   EXPECT_EQ(sampler_nfe(o), 35);
   EXPECT_THROW(generate(model, SchedulerConfig{}, o, torch::kCPU), c10::Error) << "heun is not a DDPM sampler";
   o.sampler = Sampler::ddim;

@@ -73,8 +73,9 @@ struct EDMSamplerOptions {
 // D(x; σ) for a batch x (B, C, H, W) at one noise level σ (float32 as the schedule holds it).
 using EDMDenoiser = std::function<at::Tensor(const at::Tensor& x, float sigma)>;
 
-// D(x; σ) from the raw network output F (precondition_outputs): c_skip x + c_out F.
-at::Tensor edm_denoised(const at::Tensor& x, const at::Tensor& model_output, float sigma, double sigma_data);
+// D(x; σ) from the raw network output F (precondition_outputs): c_skip x + c_out F, with the
+// coefficients of edm_preconditioning at this σ (one element each).
+at::Tensor edm_denoised(const at::Tensor& x, const at::Tensor& model_output, const EDMPreconditioning& c);
 
 // The Euler step of EDMEulerScheduler.step: d = (x - D)/σ̂, x + d (σ_next - σ̂) (Algorithm 1,
 // lines 5-6). x and denoised (B, C, H, W) float32.

@@ -28,7 +28,7 @@ struct SamplingOptions {
   double guidance_scale = 1.0;           // ε = ε_∅ + s (ε_c - ε_∅); 1 = plain conditional
   int64_t seed = 0;                      // fixes the result for a given batch_size and device
   std::vector<int64_t> class_labels;     // per sample, or one for all; empty: cycle through the classes
-  EDMSamplerOptions edm;                 // heun / euler: the 2nd-order correction (heun) and Algorithm 2's churn
+  EDMSamplerOptions edm;                 // heun / euler: Algorithm 2's churn (its `heun` follows `sampler`)
 
   static SamplingOptions from(const SamplingConfig& s);
 };

@@ -149,7 +149,6 @@ SamplingOptions sampling_options(const SamplingFlags& opts, const Config& cfg, i
     throw UsageError(fmt::format("--sampler {}: this checkpoint's model is {} (diffusion.formulation = {}); use {}",
                                  to_string(s.sampler), edm ? "EDM" : "DDPM", to_string(cfg.diffusion.formulation),
                                  edm ? "heun or euler" : "ddpm, ddim, dpm_solver_multistep, unipc_multistep or euler_ancestral"));
-  s.edm.heun = s.sampler == Sampler::heun;
   if (given(opts, "--steps")) s.num_inference_steps = opts.steps;
   if (given(opts, "--eta")) s.eta = opts.eta;
   if (given(opts, "--solver-order")) s.solver_order = opts.solver_order;

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include <cstdlib>
+#include <utility>
 
 #include "e2e/train_run.h"
 #include "test_paths.h"
@@ -96,6 +97,22 @@ class TwoHosts : public TrainRun {
     EXPECT_EQ(rb, 0) << err(log + "_b");
     return ra == 0 && rb == 0;
   }
+  // Starts job `name` on both hosts, loses host B once step 10 is saved (its processes SIGKILLed;
+  // with `cut_link` its link is taken down first, so no reset reaches host A) and waits for both.
+  // Returns host A's exit code and its seconds from the loss to its exit.
+  std::pair<int, double> lose_host_b(const std::string& name, int port, const std::vector<std::string>& train, bool cut_link) {
+    const pid_t a = spawn(node(0, port, train), name + "_a");
+    const pid_t b = spawn(node(1, port, train), name + "_b");
+    if (!wait_for_path(ckpt(name, 10) / "manifest.json", 300)) ADD_FAILURE() << "no step 10: " << err(name + "_a");
+    if (cut_link) EXPECT_TRUE(sh(ip_ + " -n " + ns_[1] + " link set " + dev_[1] + " down"));
+    kill_host(1);
+    const auto lost = std::chrono::steady_clock::now();
+    const int code = wait_for(a);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - lost).count();
+    wait_for(b);
+    if (cut_link) EXPECT_TRUE(sh(ip_ + " -n " + ns_[1] + " link set " + dev_[1] + " up"));
+    return {code, secs};
+  }
   // Shapes both directions of the link with tbf: `rate` bytes/s, a bucket of `burst` bytes.
   void shape_link(double rate, double burst) const {
     for (int h = 0; h < 2; ++h) {
@@ -172,14 +189,7 @@ TEST_F(TwoHosts, ALostHostFailsTheOtherWithinTheTimeoutAndResumeIsBitExact) {
   ASSERT_TRUE(run_job("straight", rendezvous_port(0), train("straight")));
   shape_link(gradient_bytes(ckpt("straight", 30)) / 0.2, 64 << 10);  // >= 0.15 s a step: time to kill after step 10
 
-  const pid_t a = spawn(node(0, rendezvous_port(1), train("k")), "k_a");
-  const pid_t b = spawn(node(1, rendezvous_port(1), train("k")), "k_b");
-  ASSERT_TRUE(wait_for_path(ckpt("k", 10) / "manifest.json", 300)) << err("k_a");
-  kill_host(1);
-  const auto start = std::chrono::steady_clock::now();
-  const int code = wait_for(a);
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  wait_for(b);
+  const auto [code, secs] = lose_host_b("k", rendezvous_port(1), train("k"), false);
   EXPECT_NE(code, 0) << err("k_a");
   EXPECT_LT(secs, 30 * time_scale()) << "host A must give up within distributed.timeout_s = 30 s";
   std::cout << "host A exited " << code << " " << secs << " s after host B was killed\n";
@@ -190,21 +200,11 @@ TEST_F(TwoHosts, ALostHostFailsTheOtherWithinTheTimeoutAndResumeIsBitExact) {
   // A host that vanishes without closing its connections (its link cut first, then its processes
   // killed, so no reset reaches host A) is noticed through the timeout alone: host A still exits
   // non-zero within distributed.timeout_s (20 s here) and a few seconds for the launcher.
-  const auto cut_train = train("c", {"--set", "distributed.timeout_s=20"});
-  const pid_t ca = spawn(node(0, rendezvous_port(3), cut_train), "c_a");
-  const pid_t cb = spawn(node(1, rendezvous_port(3), cut_train), "c_b");
-  ASSERT_TRUE(wait_for_path(ckpt("c", 10) / "manifest.json", 300)) << err("c_a");
-  ASSERT_TRUE(sh(ip_ + " -n " + ns_[1] + " link set " + dev_[1] + " down"));
-  kill_host(1);
-  const auto cut = std::chrono::steady_clock::now();
-  const int cut_code = wait_for(ca);
-  const double cut_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - cut).count();
-  wait_for(cb);
+  const auto [cut_code, cut_secs] = lose_host_b("c", rendezvous_port(3), train("c", {"--set", "distributed.timeout_s=20"}), true);
   EXPECT_NE(cut_code, 0) << err("c_a");
   EXPECT_LT(cut_secs, 20 + 10 * time_scale()) << err("c_a");
   EXPECT_NE(err("c_a").find("distributed.timeout_s = 20"), std::string::npos) << err("c_a");
   std::cout << "host A exited " << cut_code << " " << cut_secs << " s after host B's link was cut\n";
-  ASSERT_TRUE(sh(ip_ + " -n " + ns_[1] + " link set " + dev_[1] + " up"));
 
   ASSERT_TRUE(run_job("resumed", rendezvous_port(2), train("k", {"--resume", "latest"})));
   EXPECT_NE(err("resumed_a").find("resumed from"), std::string::npos) << err("resumed_a");
