@@ -4,20 +4,24 @@
 # a DCT scale), tar, safetensors headers, checkpoint manifests and config JSON. Each target starts
 # from its committed seeds (fuzz/corpus/<target>, written by fuzz/make_seeds.py) and dictionary
 # (fuzz/dict/<target>.dict) and keeps what it finds in build-fuzz/corpus/<target>. Not part of `make test`.
-#   scripts/fuzz.sh [--seconds S | --runs N] [TARGET ...]    (default: every target, 60 s each)
+#   scripts/fuzz.sh [--seconds S | --runs N] [--timeout S] [TARGET ...]    (default: every target, 60 s each)
 # Prints one line per target: executions, rate, coverage (edges, features), corpus size, findings.
+# --timeout (default 10 s) is libFuzzer's per-input limit, in wall-clock seconds: beside other work
+# at nice 19 a fast input can be starved past 10 s, so a long campaign there takes a larger one.
 # Needs clang and libclang-rt-dev (libFuzzer); installs them on Debian when missing.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$root/build-fuzz
 all_targets=(idx_images idx_labels cifar10 gzip_idx image jpeg_scaled tar safetensors manifest config)
 limit=(-max_total_time=60)
+timeout=10
 targets=()
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) limit=(-max_total_time="$2"); shift 2 ;;
     --runs) limit=(-runs="$2"); shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    --timeout) timeout=$2; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) targets+=("$1"); shift ;;
   esac
 done
@@ -47,7 +51,7 @@ for t in "${targets[@]}"; do
   log=$out/$t.log
   # The first directory gathers new inputs; the committed seeds are read, not written.
   (cd "$out/findings/$t" && DIFFTRAIN_FUZZ_TARGET=$t "$out/fuzz_targets" "${limit[@]}" -dict="$root/fuzz/dict/$t.dict" \
-     -max_len=65536 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -print_funcs=0 "$out/corpus/$t" "$root/fuzz/corpus/$t" >"$log" 2>&1) || true
+     -max_len=65536 -timeout="$timeout" -rss_limit_mb=2048 -print_final_stats=1 -print_funcs=0 "$out/corpus/$t" "$root/fuzz/corpus/$t" >"$log" 2>&1) || true
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
   secs=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log")
   last=$(grep -E '^#[0-9]+[[:space:]]' "$log" | tail -1 || true)
