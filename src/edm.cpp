@@ -73,10 +73,14 @@ at::Tensor edm_denoised(const at::Tensor& x, const at::Tensor& model_output, con
 namespace {
 // dx/dσ = (x - D(x; σ))/σ (eq. 3 with σ(t) = t).
 at::Tensor edm_derivative(const at::Tensor& x, const at::Tensor& denoised, float sigma) { return (x - denoised) / sigma; }
+// x + d (σ_next - σ̂): the Euler step along the slope d.
+at::Tensor euler_along(const at::Tensor& x, const at::Tensor& d, float sigma_hat, float sigma_next) {
+  return x + d * (sigma_next - sigma_hat);
+}
 }  // namespace
 
 at::Tensor edm_euler_step(const at::Tensor& x, const at::Tensor& denoised, float sigma_hat, float sigma_next) {
-  return x + edm_derivative(x, denoised, sigma_hat) * (sigma_next - sigma_hat);
+  return euler_along(x, edm_derivative(x, denoised, sigma_hat), sigma_hat, sigma_next);
 }
 
 at::Tensor edm_sample(const EDMDenoiser& denoiser, const at::Tensor& latents, const at::Tensor& sigmas_in,
@@ -99,11 +103,11 @@ at::Tensor edm_sample(const EDMDenoiser& denoiser, const at::Tensor& latents, co
     }
     // Lines 7-8: the Euler step from σ̂ to σ_{i+1}.
     const auto d = edm_derivative(x, denoiser(x, sigma_hat), sigma_hat);
-    auto x_next = x + d * (sigma_next - sigma_hat);  // edm_euler_step
+    auto x_next = euler_along(x, d, sigma_hat, sigma_next);
     // Lines 9-11: the trapezoidal correction, unless σ_{i+1} = 0.
     if (opts.heun && sigma_next != 0.0f) {
       const auto d_next = edm_derivative(x_next, denoiser(x_next, sigma_next), sigma_next);
-      x_next = x + (d * 0.5 + d_next * 0.5) * (sigma_next - sigma_hat);
+      x_next = euler_along(x, d * 0.5 + d_next * 0.5, sigma_hat, sigma_next);
     }
     x = x_next;
   }

@@ -217,7 +217,7 @@ TEST_F(TwoHosts, ALostHostFailsTheOtherWithinTheTimeoutAndResumeIsBitExact) {
 // by ExponentialBackoffWithJitter (c10d/Backoff.hpp: 0.5 s × 1.5^k, ±50%); once T has passed it
 // sleeps once more and tries one last time for up to T. The sleeps of the first T add up to T,
 // so the last interval is at most 2T/3 (all drawn at -50%) and the next sleep at most 1.5 × 1.5
-// × 2T/3 = 1.5T: 3.5T in all (28 s measured once with T = 10, 11.7 s another time). A",
+// × 2T/3 = 1.5T: 3.5T in all (28 s measured once with T = 10, 11.7 s another time). A
 // host whose clock is three hours ahead (libfaketime, both wall and monotonic clocks) trains the
 // same weights bit for bit: nothing in the rendezvous or the collectives compares clocks across
 // hosts (each timeout is measured on its own host's steady clock). Host B of the reference job
